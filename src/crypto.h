@@ -1,0 +1,48 @@
+/*-------------------------------------------------------------------------
+ *
+ * crypto.h
+ *		AES-256-GCM sealing with per-value keys and key commitment.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef ENVELOPE_CRYPTO_H
+#define ENVELOPE_CRYPTO_H
+
+#include "envelope.h"
+#include "format.h"
+
+/* Fill buf with cryptographically secure random bytes, or raise an error. */
+extern void env_random_bytes(uint8 *buf, int len);
+
+/*
+ * Derive the per-value key and the key commitment from a data key and a
+ * salt (HKDF-SHA256).  The caller wipes value_key when done.
+ */
+extern void env_derive_value_key(const uint8 *dek, const uint8 *salt,
+								 uint8 *value_key, uint8 *commit);
+
+/*
+ * Encrypt plaintext into ciphertext (same length) and tag under value_key,
+ * authenticating header (ENV_HEADER_LEN bytes) and context.
+ */
+extern void env_seal(const uint8 *value_key, const uint8 *nonce,
+					 const uint8 *header, const uint8 *context, int context_len,
+					 const uint8 *plaintext, int len,
+					 uint8 *ciphertext, uint8 *tag);
+
+/*
+ * Decrypt and authenticate; returns false (and wipes plaintext) when the tag
+ * does not verify.
+ */
+extern bool env_open(const uint8 *value_key, const uint8 *nonce,
+					 const uint8 *header, const uint8 *context, int context_len,
+					 const uint8 *ciphertext, int len, const uint8 *tag,
+					 uint8 *plaintext);
+
+/* Constant-time comparison of two equal-length buffers. */
+extern bool env_equal_ct(const uint8 *a, const uint8 *b, int len);
+
+/* Wipe key material so the compiler cannot elide it. */
+extern void env_wipe(void *p, size_t len);
+
+#endif							/* ENVELOPE_CRYPTO_H */

@@ -1,0 +1,198 @@
+/*-------------------------------------------------------------------------
+ *
+ * envelope.c
+ *		Module load: settings (GUCs) and subsystem initialisation.
+ *
+ * envelope seals column values with AES-256-GCM under per-value keys
+ * derived from data keys (DEKs) that a KMS wraps with key-encryption keys
+ * (KEKs) that never leave it.  The subsystems, one file each:
+ *		format.c	the enc_bytea type and its byte layout
+ *		crypto.c	AES-256-GCM, HKDF, key commitment (OpenSSL)
+ *		keycache.c	unwrapped data keys, held briefly in locked memory
+ *		kek.c		the KEK registry and its management functions
+ *		kms.c		provider dispatch; kms_vault.c the Vault/OpenBao provider
+ *		http.c		interruptible keep-alive HTTPS (libcurl); jsonx.c JSON
+ *		funcs.c		enc, dec, dec_text, rewrap, metadata, cache functions
+ *
+ * Settings that name credentials are superuser-only; KMS settings reload
+ * with SIGHUP.  The library may be preloaded (shared_preload_libraries) or
+ * loaded on first use.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "utils/guc.h"
+
+#include "envelope.h"
+#include "kek.h"
+
+PG_MODULE_MAGIC;
+
+/* Settings. */
+char	   *envelope_default_kek = NULL;
+char	   *envelope_vault_addr = NULL;
+char	   *envelope_vault_token_file = NULL;
+char	   *envelope_vault_ca_file = NULL;
+char	   *envelope_vault_namespace = NULL;
+char	   *envelope_vault_mount = NULL;
+int			envelope_kms_timeout = 5000;
+int			envelope_cache_ttl = 60;
+int			envelope_cache_size = 1024;
+int			envelope_dek_max_uses = 100000;
+int			envelope_dek_max_age = 300;
+bool		envelope_kms_verify = true;
+
+void		_PG_init(void);
+
+/* True if an http:// address points at the loopback interface. */
+static bool
+is_loopback_http(const char *addr)
+{
+	static const char *const ok[] = {
+		"http://127.0.0.1", "http://localhost", "http://[::1]"
+	};
+
+	for (size_t i = 0; i < lengthof(ok); i++)
+	{
+		size_t		n = strlen(ok[i]);
+
+		if (strncmp(addr, ok[i], n) == 0 &&
+			(addr[n] == '\0' || addr[n] == ':' || addr[n] == '/'))
+			return true;
+	}
+	return false;
+}
+
+/* Check hook for envelope.vault_addr: https, or plain http on loopback only. */
+static bool
+check_vault_addr(char **newval, void **extra, GucSource source)
+{
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	if (strncmp(*newval, "https://", 8) == 0 || is_loopback_http(*newval))
+		return true;
+	GUC_check_errdetail("The address must start with \"https://\"; plain \"http://\" is accepted only for 127.0.0.1, ::1 and localhost.");
+	return false;
+}
+
+/* Check hook for envelope.vault_mount: a path without "..", "?" or "#". */
+static bool
+check_vault_mount(char **newval, void **extra, GucSource source)
+{
+	const char *s = *newval;
+
+	if (s == NULL || s[0] == '\0' || s[0] == '/' || strstr(s, "..") != NULL ||
+		strspn(s, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-/") != strlen(s))
+	{
+		GUC_check_errdetail("The mount path consists of letters, digits, \"_\", \".\", \"-\" and \"/\", and does not start with \"/\".");
+		return false;
+	}
+	return true;
+}
+
+/* Module load: define settings and register callbacks. */
+void
+_PG_init(void)
+{
+	DefineCustomStringVariable("envelope.default_kek",
+							   "KEK used by enc() when none is given.",
+							   NULL,
+							   &envelope_default_kek,
+							   "",
+							   PGC_USERSET, 0,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("envelope.vault_addr",
+							   "Address of the Vault or OpenBao server, for example https://vault:8200.",
+							   NULL,
+							   &envelope_vault_addr,
+							   "",
+							   PGC_SIGHUP, 0,
+							   check_vault_addr, NULL, NULL);
+
+	DefineCustomStringVariable("envelope.vault_token_file",
+							   "File that holds the Vault token.",
+							   "The token itself is never a setting.",
+							   &envelope_vault_token_file,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("envelope.vault_ca_file",
+							   "CA certificates that verify the Vault server (empty: the system's).",
+							   NULL,
+							   &envelope_vault_ca_file,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("envelope.vault_namespace",
+							   "Vault Enterprise / OpenBao namespace (empty: none).",
+							   NULL,
+							   &envelope_vault_namespace,
+							   "",
+							   PGC_SIGHUP, 0,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("envelope.vault_mount",
+							   "Mount path of the Transit secrets engine.",
+							   NULL,
+							   &envelope_vault_mount,
+							   "transit",
+							   PGC_SIGHUP, 0,
+							   check_vault_mount, NULL, NULL);
+
+	DefineCustomIntVariable("envelope.kms_timeout",
+							"Time limit for one KMS request.",
+							"statement_timeout and query cancel also interrupt KMS requests.",
+							&envelope_kms_timeout,
+							5000, 100, 600000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("envelope.cache_ttl",
+							"How long an unwrapped data key stays cached (0 disables the cache).",
+							NULL,
+							&envelope_cache_ttl,
+							60, 0, 300,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("envelope.cache_size",
+							"Maximum number of unwrapped data keys cached.",
+							NULL,
+							&envelope_cache_size,
+							1024, 16, 1048576,
+							PGC_POSTMASTER, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("envelope.dek_max_uses",
+							"Number of values one data key encrypts before a new one is generated.",
+							"1 gives every value a data key straight from the KMS.",
+							&envelope_dek_max_uses,
+							100000, 1, 1 << 30,
+							PGC_SUSET, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("envelope.dek_max_age",
+							"Time one data key is used for new values before a new one is generated.",
+							NULL,
+							&envelope_dek_max_age,
+							300, 1, 86400,
+							PGC_SUSET, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("envelope.kms_verify",
+							 "Check every new or rewrapped data key by unwrapping it once.",
+							 "Guards against a faulty KMS at the cost of one extra KMS call per data key.",
+							 &envelope_kms_verify,
+							 true,
+							 PGC_SUSET, 0,
+							 NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("envelope");
+
+	kek_init();
+}

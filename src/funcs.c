@@ -1,0 +1,514 @@
+/*-------------------------------------------------------------------------
+ *
+ * funcs.c
+ *		SQL-facing functions: enc, dec, dec_text, rewrap, metadata, and the
+ *		key cache's flush and statistics.
+ *
+ * enc:	 current DEK of the KEK (keycache) -> fresh salt and nonce ->
+ *		 HKDF value key + commitment (crypto) -> AES-256-GCM with AAD =
+ *		 header || len(context) || context -> value (format).
+ * dec:	 parse -> KEK from the registry, checked against the value ->
+ *		 DEK (keycache or KMS) -> value key, commitment compared in constant
+ *		 time -> GCM open.  Errors never quote plaintext or key bytes.
+ * rewrap: replace the KEK section only; the header, ciphertext and tag are
+ *		 copied byte for byte.  The new wrapped key is verified against the
+ *		 value's key commitment before it is used.
+ *
+ * Key material on the stack is wiped on every path, errors included
+ * (PG_FINALLY).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "common/base64.h"
+#include "datatype/timestamp.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
+#include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/timestamp.h"
+
+#include "crypto.h"
+#include "envelope.h"
+#include "format.h"
+#include "http.h"
+#include "kek.h"
+#include "keycache.h"
+#include "kms.h"
+
+PG_FUNCTION_INFO_V1(envelope_enc);
+PG_FUNCTION_INFO_V1(envelope_enc_text);
+PG_FUNCTION_INFO_V1(envelope_dec);
+PG_FUNCTION_INFO_V1(envelope_dec_text);
+PG_FUNCTION_INFO_V1(envelope_rewrap);
+PG_FUNCTION_INFO_V1(envelope_metadata);
+PG_FUNCTION_INFO_V1(envelope_cache_flush);
+PG_FUNCTION_INFO_V1(envelope_cache_stats);
+
+#define UNIX_EPOCH_OFFSET_USECS \
+	((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY)
+
+/* The KEK named by argument argno, or envelope.default_kek. */
+static void
+kek_from_arg(FunctionCallInfo fcinfo, int argno, KekInfo *kek)
+{
+	char	   *name;
+
+	if (PG_NARGS() > argno && !PG_ARGISNULL(argno))
+		name = text_to_cstring(PG_GETARG_TEXT_PP(argno));
+	else if (envelope_default_kek != NULL && envelope_default_kek[0] != '\0')
+		name = envelope_default_kek;
+	else
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("no KEK given and envelope.default_kek is not set"),
+				 errhint("Pass a KEK name to enc(), or set envelope.default_kek.")));
+	kek_lookup(name, kek, false);
+}
+
+/* The context argument as bytes (NULL means empty). */
+static void
+context_arg(FunctionCallInfo fcinfo, int argno, const uint8 **ctx, int *ctx_len)
+{
+	if (PG_NARGS() > argno && !PG_ARGISNULL(argno))
+	{
+		bytea	   *c = PG_GETARG_BYTEA_PP(argno);
+
+		*ctx = (const uint8 *) VARDATA_ANY(c);
+		*ctx_len = VARSIZE_ANY_EXHDR(c);
+	}
+	else
+	{
+		*ctx = NULL;
+		*ctx_len = 0;
+	}
+}
+
+/* Encrypt len bytes of plaintext into a new enc_bytea value. */
+static bytea *
+encrypt_value(FunctionCallInfo fcinfo, const uint8 *plaintext, int len, uint16 type_flag)
+{
+	KekInfo		kek;
+	KmsWrapped	wrapped;
+	EnvKekRef	ref;
+	const uint8 *ctx;
+	int			ctx_len;
+	uint8		dek[ENV_KEY_LEN];
+	uint8		value_key[ENV_KEY_LEN];
+	uint8		salt[ENV_SALT_LEN];
+	uint8		nonce[ENV_NONCE_LEN];
+	uint8		commit[ENV_COMMIT_LEN];
+	Size		total;
+	bytea	   *result;
+	uint8	   *p;
+	uint16		flags;
+
+	kek_from_arg(fcinfo, 1, &kek);
+	context_arg(fcinfo, 2, &ctx, &ctx_len);
+	flags = type_flag | (ctx_len > 0 ? ENV_FLAG_CONTEXT : 0);
+
+	memset(&ref, 0, sizeof(ref));
+	ref.kek_name = kek.name;
+	ref.kek_name_len = strlen(kek.name);
+	ref.provider = kek.provider_name;
+	ref.provider_len = strlen(kek.provider_name);
+	ref.key_ref = kek.key_ref;
+	ref.key_ref_len = strlen(kek.key_ref);
+
+	/* Allocate before touching keys, so running out of memory leaks nothing. */
+	total = (Size) ENV_HEADER_LEN + 1 + ref.kek_name_len + 1 + ref.provider_len +
+		2 + ref.key_ref_len + 4 + 2 + ENV_MAX_WRAPPED_LEN + (Size) len + ENV_TAG_LEN;
+	if (total > MaxAllocSize - VARHDRSZ)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("value is too large to encrypt"),
+				 errdetail("The plaintext has %d bytes; enc_bytea values are limited to 1 GB.", len)));
+	result = (bytea *) palloc(VARHDRSZ + total);
+
+	PG_TRY();
+	{
+		keycache_current_dek(&kek, dek, &wrapped);
+		ref.kek_version = (uint32) wrapped.version;
+		ref.wrapped = wrapped.data;
+		ref.wrapped_len = wrapped.len;
+
+		env_random_bytes(salt, sizeof(salt));
+		env_random_bytes(nonce, sizeof(nonce));
+		env_derive_value_key(dek, salt, value_key, commit);
+
+		p = (uint8 *) VARDATA(result);
+		env_write_header(p, flags,
+						 GetCurrentTimestamp() + UNIX_EPOCH_OFFSET_USECS,
+						 salt, nonce, commit);
+		p += ENV_HEADER_LEN;
+		p += env_write_kek_section(p, &ref);
+		env_seal(value_key, nonce, (const uint8 *) VARDATA(result), ctx, ctx_len,
+				 plaintext, len, p, p + len);
+		p += len + ENV_TAG_LEN;
+		SET_VARSIZE(result, VARHDRSZ + (p - (uint8 *) VARDATA(result)));
+	}
+	PG_FINALLY();
+	{
+		env_wipe(dek, sizeof(dek));
+		env_wipe(value_key, sizeof(value_key));
+	}
+	PG_END_TRY();
+	return result;
+}
+
+/* enc(plaintext bytea, kek text, context bytea) */
+Datum
+envelope_enc(PG_FUNCTION_ARGS)
+{
+	bytea	   *pt;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	pt = PG_GETARG_BYTEA_PP(0);
+	PG_RETURN_BYTEA_P(encrypt_value(fcinfo, (const uint8 *) VARDATA_ANY(pt),
+									VARSIZE_ANY_EXHDR(pt), 0));
+}
+
+/* enc(plaintext text, kek text, context bytea) */
+Datum
+envelope_enc_text(PG_FUNCTION_ARGS)
+{
+	text	   *pt;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	pt = PG_GETARG_TEXT_PP(0);
+	PG_RETURN_BYTEA_P(encrypt_value(fcinfo, (const uint8 *) VARDATA_ANY(pt),
+									VARSIZE_ANY_EXHDR(pt), ENV_FLAG_TEXT));
+}
+
+/* The value's wrapped data key as a KmsWrapped (pointing into the value). */
+static void
+value_wrapped(const EnvValue *v, KmsWrapped *w)
+{
+	w->version = (int32) v->kek.kek_version;
+	w->data = (uint8 *) v->kek.wrapped;
+	w->len = v->kek.wrapped_len;
+}
+
+/* Decrypt a value into a new bytea (text and bytea share the layout). */
+static bytea *
+decrypt_value(FunctionCallInfo fcinfo)
+{
+	struct varlena *datum = PG_GETARG_VARLENA_PP(0);
+	EnvValue	v;
+	KekInfo		kek;
+	KmsWrapped	wrapped;
+	const uint8 *ctx;
+	int			ctx_len;
+	uint8		dek[ENV_KEY_LEN];
+	uint8		value_key[ENV_KEY_LEN];
+	uint8		commit[ENV_COMMIT_LEN];
+	bytea	   *result;
+	volatile bool committed = false;
+	volatile bool opened = false;
+
+	env_parse_datum(datum, &v);
+	context_arg(fcinfo, 1, &ctx, &ctx_len);
+	kek_for_value(&v.kek, &kek);
+	value_wrapped(&v, &wrapped);
+	result = (bytea *) palloc(VARHDRSZ + v.ciphertext_len);
+	SET_VARSIZE(result, VARHDRSZ + v.ciphertext_len);
+
+	PG_TRY();
+	{
+		keycache_unwrap(&kek, &wrapped, dek);
+		env_derive_value_key(dek, v.salt, value_key, commit);
+		committed = env_equal_ct(commit, v.commit, ENV_COMMIT_LEN);
+		if (committed)
+			opened = env_open(value_key, v.nonce, v.header, ctx, ctx_len,
+							  v.ciphertext, v.ciphertext_len, v.tag,
+							  (uint8 *) VARDATA(result));
+	}
+	PG_FINALLY();
+	{
+		env_wipe(dek, sizeof(dek));
+		env_wipe(value_key, sizeof(value_key));
+	}
+	PG_END_TRY();
+
+	if (!committed)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("could not decrypt value"),
+				 errdetail("The key commitment does not match: the value's wrapped data key or salt was modified, or the KMS returned a wrong key.")));
+	if (!opened)
+	{
+		bool		bound = (v.flags & ENV_FLAG_CONTEXT) != 0;
+
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("could not decrypt value"),
+				 errdetail("Authentication failed: the value was modified, or the context does not match the one it was encrypted with."),
+				 (bound && ctx_len == 0) ?
+				 errhint("The value was encrypted with a context; pass the same context to dec().") :
+				 (!bound && ctx_len > 0) ?
+				 errhint("The value was encrypted without a context.") : 0));
+	}
+	return result;
+}
+
+/* dec(value enc_bytea, context bytea) returns bytea */
+Datum
+envelope_dec(PG_FUNCTION_ARGS)
+{
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	PG_RETURN_BYTEA_P(decrypt_value(fcinfo));
+}
+
+/* dec_text(value enc_bytea, context bytea) returns text, checked for encoding */
+Datum
+envelope_dec_text(PG_FUNCTION_ARGS)
+{
+	bytea	   *b;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	b = decrypt_value(fcinfo);
+
+	/* Do not let the encoding error quote the bytes: that would leak plaintext. */
+	if (!pg_verifymbstr(VARDATA(b), VARSIZE(b) - VARHDRSZ, true))
+	{
+		env_wipe(VARDATA(b), VARSIZE(b) - VARHDRSZ);
+		ereport(ERROR,
+				(errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
+				 errmsg("decrypted value is not valid text in encoding \"%s\"",
+						GetDatabaseEncodingName()),
+				 errhint("Use dec() to read the value as bytea.")));
+	}
+	PG_RETURN_TEXT_P((text *) b);
+}
+
+/* A new wrapped form of the value's data key under target's latest version. */
+static void
+rewrap_key(const EnvValue *v, const KekInfo *from, const KekInfo *target, KmsWrapped *out)
+{
+	KmsWrapped	in;
+	uint8		dek[ENV_KEY_LEN];
+	uint8		value_key[ENV_KEY_LEN];
+	uint8		commit[ENV_COMMIT_LEN];
+	volatile bool ok = true;
+	bool		same_kek = strcmp(from->name, target->name) == 0;
+
+	value_wrapped(v, &in);
+	if (keycache_rewrap_lookup(from, &in, target, out))
+		return;
+
+	PG_TRY();
+	{
+		if (same_kek)
+			kms_rewrap(from->provider, from->key_ref, &in, out);
+		else
+		{
+			keycache_unwrap(from, &in, dek);
+			kms_wrap(target->provider, target->key_ref, dek, out);
+		}
+		if (out->version < target->latest_version ||
+			(same_kek && out->version <= in.version))
+			ereport(ERROR,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("KMS rewrapped a data key to an unexpected version of key \"%s\"",
+							target->key_ref),
+					 errdetail("The KMS returned version %d; KEK \"%s\" is at version %d.",
+							   out->version, target->name, target->latest_version)));
+
+		/*
+		 * Check the new wrapped key against the value's commitment before any
+		 * row is written with it: a KMS that returned garbage would otherwise
+		 * make values undecryptable.
+		 */
+		if (envelope_kms_verify)
+		{
+			kms_unwrap(target->provider, target->key_ref, out, dek);
+			env_derive_value_key(dek, v->salt, value_key, commit);
+			ok = env_equal_ct(commit, v->commit, ENV_COMMIT_LEN);
+			if (ok)
+				keycache_put(target, out, dek);
+		}
+	}
+	PG_FINALLY();
+	{
+		env_wipe(dek, sizeof(dek));
+		env_wipe(value_key, sizeof(value_key));
+	}
+	PG_END_TRY();
+
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("KMS rewrapped the data key of a value into a different key"),
+				 errdetail("The new wrapped key does not match the value's key commitment; the value was not changed.")));
+	keycache_rewrap_store(from, &in, target, out);
+}
+
+/* rewrap(value enc_bytea, kek text) returns enc_bytea */
+Datum
+envelope_rewrap(PG_FUNCTION_ARGS)
+{
+	struct varlena *datum;
+	EnvValue	v;
+	KekInfo		from;
+	KekInfo		target;
+	KmsWrapped	out;
+	EnvKekRef	ref;
+	Size		tail;
+	Size		total;
+	bytea	   *result;
+	uint8	   *p;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	datum = PG_GETARG_VARLENA_PP(0);
+	env_parse_datum(datum, &v);
+	kek_for_value(&v.kek, &from);
+	if (PG_ARGISNULL(1))
+		target = from;
+	else
+		kek_lookup(text_to_cstring(PG_GETARG_TEXT_PP(1)), &target, false);
+
+	/* Already under the target's latest version: nothing to do. */
+	if (strcmp(from.name, target.name) == 0 &&
+		(int32) v.kek.kek_version >= target.latest_version)
+		PG_RETURN_POINTER(PG_DETOAST_DATUM_COPY(PG_GETARG_DATUM(0)));
+
+	rewrap_key(&v, &from, &target, &out);
+
+	memset(&ref, 0, sizeof(ref));
+	ref.kek_name = target.name;
+	ref.kek_name_len = strlen(target.name);
+	ref.provider = target.provider_name;
+	ref.provider_len = strlen(target.provider_name);
+	ref.key_ref = target.key_ref;
+	ref.key_ref_len = strlen(target.key_ref);
+	ref.kek_version = (uint32) out.version;
+	ref.wrapped = out.data;
+	ref.wrapped_len = out.len;
+
+	tail = v.ciphertext_len + ENV_TAG_LEN;
+	total = ENV_HEADER_LEN + env_kek_section_len(&ref) + tail;
+	result = (bytea *) palloc(VARHDRSZ + total);
+	SET_VARSIZE(result, VARHDRSZ + total);
+	p = (uint8 *) VARDATA(result);
+	memcpy(p, v.header, ENV_HEADER_LEN);
+	p += ENV_HEADER_LEN;
+	p += env_write_kek_section(p, &ref);
+	memcpy(p, v.ciphertext, tail);
+	PG_RETURN_BYTEA_P(result);
+}
+
+/* Append "key": "<base64>" to a JSON object under construction. */
+static void
+json_b64(StringInfo buf, const char *key, const uint8 *data, int len)
+{
+	int			enclen = pg_b64_enc_len(len);
+	char	   *b64 = palloc(enclen + 1);
+	int			n = pg_b64_encode((const char *) data, len, b64, enclen);
+
+	b64[n < 0 ? 0 : n] = '\0';
+	appendStringInfo(buf, ", \"%s\": \"%s\"", key, b64);
+	pfree(b64);
+}
+
+/* Append "key": "<string>" with JSON escaping. */
+static void
+json_str(StringInfo buf, const char *key, const char *s, int len)
+{
+	appendStringInfo(buf, ", \"%s\": ", key);
+	escape_json(buf, pnstrdup(s, len));
+}
+
+/* envelope.metadata(enc_bytea) returns jsonb: everything but the ciphertext. */
+Datum
+envelope_metadata(PG_FUNCTION_ARGS)
+{
+	struct varlena *datum = PG_GETARG_VARLENA_PP(0);
+	EnvValue	v;
+	StringInfoData buf;
+	struct pg_tm tm;
+	fsec_t		fsec;
+	Timestamp	ts;
+
+	env_parse_datum(datum, &v);
+	initStringInfo(&buf);
+	appendStringInfo(&buf, "{\"format_version\": %d", v.version);
+	appendStringInfoString(&buf, ", \"algo\": \"AES-256-GCM\", \"kdf\": \"HKDF-SHA256\", \"key_commitment\": true");
+	json_str(&buf, "kek_id", v.kek.kek_name, v.kek.kek_name_len);
+	json_str(&buf, "kek_provider", v.kek.provider, v.kek.provider_len);
+	json_str(&buf, "kek_key_ref", v.kek.key_ref, v.kek.key_ref_len);
+	appendStringInfo(&buf, ", \"kek_version\": %u", v.kek.kek_version);
+	json_b64(&buf, "wrapped_dek_b64", v.kek.wrapped, v.kek.wrapped_len);
+	json_b64(&buf, "salt_b64", v.salt, ENV_SALT_LEN);
+	json_b64(&buf, "nonce_b64", v.nonce, ENV_NONCE_LEN);
+	json_b64(&buf, "commitment_b64", v.commit, ENV_COMMIT_LEN);
+	json_b64(&buf, "auth_tag_b64", v.tag, ENV_TAG_LEN);
+	appendStringInfo(&buf, ", \"ciphertext_length\": %d", v.ciphertext_len);
+	appendStringInfo(&buf, ", \"context_bound\": %s",
+					 (v.flags & ENV_FLAG_CONTEXT) ? "true" : "false");
+	appendStringInfo(&buf, ", \"plaintext_type\": \"%s\"",
+					 (v.flags & ENV_FLAG_TEXT) ? "text" : "bytea");
+
+	ts = (Timestamp) (v.created_at - UNIX_EPOCH_OFFSET_USECS);
+	if (timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) == 0)
+		appendStringInfo(&buf, ", \"created_at\": \"%04d-%02d-%02dT%02d:%02d:%02d.%06dZ\"",
+						 tm.tm_year, tm.tm_mon, tm.tm_mday,
+						 tm.tm_hour, tm.tm_min, tm.tm_sec, (int) fsec);
+	else
+		appendStringInfoString(&buf, ", \"created_at\": null");
+	appendStringInfoChar(&buf, '}');
+
+	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+}
+
+/* envelope.cache_flush(kek text) returns int: entries wiped */
+Datum
+envelope_cache_flush(PG_FUNCTION_ARGS)
+{
+	char	   *kek = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
+
+	PG_RETURN_INT32(keycache_flush(kek));
+}
+
+/* envelope.cache_stats() returns one row of counters. */
+Datum
+envelope_cache_stats(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[16];
+	bool		nulls[16];
+	KeyCacheStats st;
+	int			i = 0;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	keycache_stats(&st);
+	memset(nulls, 0, sizeof(nulls));
+	values[i++] = Int32GetDatum(st.entries);
+	values[i++] = Int32GetDatum(st.capacity);
+	values[i++] = Int64GetDatum(st.hits);
+	values[i++] = Int64GetDatum(st.misses);
+	values[i++] = Int64GetDatum(st.expirations);
+	values[i++] = Int64GetDatum(st.evictions);
+	for (int op = 0; op < KMS_NUM_OPS; op++)
+		values[i++] = Int64GetDatum(kms_calls((KmsOp) op));
+	values[i++] = Int64GetDatum(kms_errors());
+	if (kms_last_error_time() == 0)
+		nulls[i] = true;
+	values[i] = TimestampTzGetDatum(kms_last_error_time());
+	i++;
+	values[i++] = Int64GetDatum(http_connections_opened());
+	values[i++] = BoolGetDatum(st.locked);
+	Assert(i == tupdesc->natts);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}

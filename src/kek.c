@@ -1,0 +1,283 @@
+/*-------------------------------------------------------------------------
+ *
+ * kek.c
+ *		The KEK registry (envelope.kek) and the functions that manage it.
+ *
+ * The registry is a small table, marked as extension configuration so
+ * pg_dump keeps it.  Each backend reads it once with SPI and keeps a copy
+ * until it is invalidated: a statement trigger on envelope.kek calls
+ * envelope.kek_changed(), which queues a relcache invalidation for the
+ * table; every backend processes it at its next transaction start (and the
+ * writing backend at its next command), and our relcache callback drops the
+ * copy.  So create_kek and rotate_kek take effect in all sessions for their
+ * next transaction without any per-row catalog access.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/namespace.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+
+#include "envelope.h"
+#include "kek.h"
+#include "keycache.h"
+
+PG_FUNCTION_INFO_V1(envelope_create_kek);
+PG_FUNCTION_INFO_V1(envelope_rotate_kek);
+PG_FUNCTION_INFO_V1(envelope_kek_changed);
+
+static KekInfo *registry = NULL;
+static int	registry_count = 0;
+static bool registry_valid = false;
+static Oid	registry_relid = InvalidOid;
+
+/* Relcache callback: drop the cached registry when envelope.kek changes. */
+static void
+kek_relcache_cb(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == registry_relid)
+		registry_valid = false;
+}
+
+/* Register the relcache callback that drops the cached registry. */
+void
+kek_init(void)
+{
+	CacheRegisterRelcacheCallback(kek_relcache_cb, (Datum) 0);
+}
+
+/* OID of envelope.kek, or an error if the extension is not installed. */
+static Oid
+registry_table(void)
+{
+	Oid			nsp = get_namespace_oid("envelope", true);
+	Oid			relid = OidIsValid(nsp) ? get_relname_relid("kek", nsp) : InvalidOid;
+
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("extension \"envelope\" is not installed in this database"),
+				 errhint("Run CREATE EXTENSION envelope.")));
+	return relid;
+}
+
+/* (Re)load the registry into TopMemoryContext. */
+static void
+registry_load(void)
+{
+	KekInfo    *fresh = NULL;
+	int			n = 0;
+
+	registry_relid = registry_table();
+	registry_valid = true;		/* an invalidation during the load clears it */
+
+	SPI_connect();
+	PG_TRY();
+	{
+		if (SPI_execute("SELECT name, provider, key_ref, latest_version FROM envelope.kek",
+						true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not read envelope.kek");
+		n = (int) SPI_processed;
+		fresh = MemoryContextAllocZero(TopMemoryContext, sizeof(KekInfo) * Max(n, 1));
+		for (int i = 0; i < n; i++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[i];
+			TupleDesc	desc = SPI_tuptable->tupdesc;
+			bool		isnull;
+			char	   *s;
+
+			s = SPI_getvalue(tup, desc, 1);
+			strlcpy(fresh[i].name, s, NAMEDATALEN);
+			s = SPI_getvalue(tup, desc, 2);
+			strlcpy(fresh[i].provider_name, s, NAMEDATALEN);
+			fresh[i].provider = kms_provider(s, true);
+			s = SPI_getvalue(tup, desc, 3);
+			strlcpy(fresh[i].key_ref, s, sizeof(fresh[i].key_ref));
+			fresh[i].latest_version = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
+		}
+	}
+	PG_CATCH();
+	{
+		registry_valid = false;
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	SPI_finish();
+
+	if (registry)
+		pfree(registry);
+	registry = fresh;
+	registry_count = n;
+}
+
+/* Look up a KEK by name into *out; false (or an error) if it is not registered. */
+bool
+kek_lookup(const char *name, KekInfo *out, bool missing_ok)
+{
+	if (!registry_valid)
+		registry_load();
+	for (int i = 0; i < registry_count; i++)
+	{
+		if (strcmp(registry[i].name, name) == 0)
+		{
+			*out = registry[i];
+			if (out->provider == NULL)
+				ereport(ERROR,
+						(errcode(ERRCODE_UNDEFINED_OBJECT),
+						 errmsg("KMS provider \"%s\" of KEK \"%s\" is not available in this build",
+								out->provider_name, name)));
+			return true;
+		}
+	}
+	if (!missing_ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("KEK \"%s\" does not exist", name),
+				 errhint("Register it with envelope.create_kek(), or see envelope.keks for the registered KEKs.")));
+	return false;
+}
+
+/* The KEK a value names, checked against the registry (raises on mismatch). */
+void
+kek_for_value(const EnvKekRef *ref, KekInfo *out)
+{
+	char		name[ENV_MAX_NAME_LEN + 1];
+
+	memcpy(name, ref->kek_name, ref->kek_name_len);
+	name[ref->kek_name_len] = '\0';
+	if (!kek_lookup(name, out, true))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("KEK \"%s\" of this value does not exist", name),
+				 errhint("Register the KEK with envelope.create_kek() using the provider and key reference shown by envelope.metadata().")));
+	if (strlen(out->provider_name) != (size_t) ref->provider_len ||
+		memcmp(out->provider_name, ref->provider, ref->provider_len) != 0 ||
+		strlen(out->key_ref) != (size_t) ref->key_ref_len ||
+		memcmp(out->key_ref, ref->key_ref, ref->key_ref_len) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("KMS key of this value does not match KEK \"%s\"", name),
+				 errdetail("The value names provider \"%.*s\" and key \"%.*s\"; the registry has provider \"%s\" and key \"%s\".",
+						   ref->provider_len, ref->provider, ref->key_ref_len, ref->key_ref,
+						   out->provider_name, out->key_ref)));
+}
+
+/* True if s is a valid KEK name: 1-63 letters, digits, "_", "-", ".". */
+static bool
+valid_kek_name(const char *s)
+{
+	size_t		len = strlen(s);
+
+	return len > 0 && len < NAMEDATALEN &&
+		strspn(s, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-") == len;
+}
+
+/* envelope.create_kek(name, provider, key_ref): check with the KMS, then register. */
+Datum
+envelope_create_kek(PG_FUNCTION_ARGS)
+{
+	char	   *name;
+	char	   *provider_name;
+	char	   *key_ref;
+	const KmsProvider *provider;
+	KmsKeyInfo	info;
+	KekInfo		existing;
+	Datum		values[5];
+	Oid			types[5] = {TEXTOID, TEXTOID, TEXTOID, INT4OID, INT4OID};
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("KEK name, provider and key reference must not be null")));
+	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	provider_name = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	key_ref = text_to_cstring(PG_GETARG_TEXT_PP(2));
+
+	if (!valid_kek_name(name))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_NAME),
+				 errmsg("invalid KEK name \"%s\"", name),
+				 errdetail("KEK names have 1 to %d letters, digits, \"_\", \".\" or \"-\".", NAMEDATALEN - 1)));
+	if (strlen(key_ref) == 0 || strlen(key_ref) > ENV_MAX_KEYREF_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid key reference \"%s\"", key_ref)));
+	provider = kms_provider(provider_name, false);
+	if (kek_lookup(name, &existing, true))
+		ereport(ERROR,
+				(errcode(ERRCODE_DUPLICATE_OBJECT),
+				 errmsg("KEK \"%s\" already exists", name)));
+
+	kms_key_info(provider, key_ref, &info);
+
+	values[0] = CStringGetTextDatum(name);
+	values[1] = CStringGetTextDatum(provider_name);
+	values[2] = CStringGetTextDatum(key_ref);
+	values[3] = Int32GetDatum(info.latest_version);
+	values[4] = Int32GetDatum(info.min_decryption_version);
+	SPI_connect();
+	if (SPI_execute_with_args("INSERT INTO envelope.kek (name, provider, key_ref, latest_version, min_decryption_version) "
+							  "VALUES ($1, $2, $3, $4, $5)",
+							  5, types, values, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not insert into envelope.kek");
+	SPI_finish();
+	PG_RETURN_INT32(info.latest_version);
+}
+
+/* envelope.rotate_kek(name): new KEK version in the KMS, used at once. */
+Datum
+envelope_rotate_kek(PG_FUNCTION_ARGS)
+{
+	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	KekInfo		kek;
+	KmsKeyInfo	info;
+	Datum		values[3];
+	Oid			types[3] = {TEXTOID, INT4OID, INT4OID};
+
+	kek_lookup(name, &kek, false);
+	kms_rotate(kek.provider, kek.key_ref);
+	kms_key_info(kek.provider, kek.key_ref, &info);
+	if (info.latest_version <= kek.latest_version)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("KMS did not create a new version of key \"%s\"", kek.key_ref),
+				 errdetail("The latest version was %d before the rotation and is %d after it.",
+						   kek.latest_version, info.latest_version)));
+
+	values[0] = CStringGetTextDatum(name);
+	values[1] = Int32GetDatum(info.latest_version);
+	values[2] = Int32GetDatum(info.min_decryption_version);
+	SPI_connect();
+	if (SPI_execute_with_args("UPDATE envelope.kek SET latest_version = $2, min_decryption_version = $3, "
+							  "rotated_at = pg_catalog.now() WHERE name = $1",
+							  3, types, values, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "could not update envelope.kek");
+	SPI_finish();
+
+	/* This backend's current data key for the KEK is now stale. */
+	keycache_retire_current(name);
+	PG_RETURN_INT32(info.latest_version);
+}
+
+/* Statement trigger on envelope.kek: tell every backend to reload the registry. */
+Datum
+envelope_kek_changed(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("envelope.kek_changed() must be called as a trigger")));
+	CacheInvalidateRelcacheByRelid(RelationGetRelid(trigdata->tg_relation));
+	registry_valid = false;
+	return PointerGetDatum(NULL);
+}

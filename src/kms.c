@@ -1,0 +1,127 @@
+/*-------------------------------------------------------------------------
+ *
+ * kms.c
+ *		Provider lookup and the counted wrappers around provider operations.
+ *
+ * The counters are per backend until the shared-memory key cache lands;
+ * envelope.cache_stats() reports them.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "utils/timestamp.h"
+
+#include "kms.h"
+
+/* Every provider this build knows; add new ones here. */
+static const KmsProvider *const providers[] = {
+	&kms_vault_provider,
+};
+
+const char *const kms_op_names[KMS_NUM_OPS] = {
+	"key_info", "generate", "wrap", "unwrap", "rewrap", "rotate"
+};
+
+static int64 op_calls[KMS_NUM_OPS];
+static int64 op_errors = 0;
+static TimestampTz last_error_at = 0;
+
+/* Find a provider by name; NULL (or an error) if there is none. */
+const KmsProvider *
+kms_provider(const char *name, bool missing_ok)
+{
+	for (size_t i = 0; i < lengthof(providers); i++)
+		if (strcmp(providers[i]->name, name) == 0)
+			return providers[i];
+	if (!missing_ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("KMS provider \"%s\" does not exist", name),
+				 errhint("The providers in this build are: \"vault\".")));
+	return NULL;
+}
+
+/*
+ * Run a provider operation, counting the call and, if it raises, the error.
+ * The macro keeps the counting in one place for every operation.
+ */
+#define COUNTED_CALL(op, call) \
+	do { \
+		op_calls[(op)]++; \
+		PG_TRY(); \
+		{ \
+			call; \
+		} \
+		PG_CATCH(); \
+		{ \
+			op_errors++; \
+			last_error_at = GetCurrentTimestamp(); \
+			PG_RE_THROW(); \
+		} \
+		PG_END_TRY(); \
+	} while (0)
+
+/* Describe a key. */
+void
+kms_key_info(const KmsProvider *p, const char *key_ref, KmsKeyInfo *info)
+{
+	COUNTED_CALL(KMS_OP_KEY_INFO, p->key_info(key_ref, info));
+}
+
+/* New data key, in plaintext and wrapped. */
+void
+kms_generate_dek(const KmsProvider *p, const char *key_ref,
+				 uint8 *dek, KmsWrapped *wrapped)
+{
+	COUNTED_CALL(KMS_OP_GENERATE, p->generate_dek(key_ref, dek, wrapped));
+}
+
+/* Wrap a data key under the latest version. */
+void
+kms_wrap(const KmsProvider *p, const char *key_ref, const uint8 *dek, KmsWrapped *wrapped)
+{
+	COUNTED_CALL(KMS_OP_WRAP, p->wrap(key_ref, dek, wrapped));
+}
+
+/* Unwrap a data key. */
+void
+kms_unwrap(const KmsProvider *p, const char *key_ref, const KmsWrapped *wrapped, uint8 *dek)
+{
+	COUNTED_CALL(KMS_OP_UNWRAP, p->unwrap(key_ref, wrapped, dek));
+}
+
+/* Re-wrap under the latest version. */
+void
+kms_rewrap(const KmsProvider *p, const char *key_ref, const KmsWrapped *in, KmsWrapped *out)
+{
+	COUNTED_CALL(KMS_OP_REWRAP, p->rewrap(key_ref, in, out));
+}
+
+/* Create a new key version. */
+void
+kms_rotate(const KmsProvider *p, const char *key_ref)
+{
+	COUNTED_CALL(KMS_OP_ROTATE, p->rotate(key_ref));
+}
+
+/* Calls so far in this backend for one operation. */
+int64
+kms_calls(KmsOp op)
+{
+	return op_calls[op];
+}
+
+/* Failed calls so far in this backend. */
+int64
+kms_errors(void)
+{
+	return op_errors;
+}
+
+/* When the last call failed (0 if never). */
+TimestampTz
+kms_last_error_time(void)
+{
+	return last_error_at;
+}

@@ -1,0 +1,500 @@
+/*-------------------------------------------------------------------------
+ *
+ * kms_vault.c
+ *		KMS provider for HashiCorp Vault and OpenBao Transit.
+ *
+ * Endpoints (relative to <envelope.vault_addr>/v1/<envelope.vault_mount>/):
+ *		GET  keys/:name					key_info
+ *		POST datakey/plaintext/:name	generate_dek (plaintext + wrapped)
+ *		POST encrypt/:name				wrap (move a data key to another KEK)
+ *		POST decrypt/:name				unwrap
+ *		POST rewrap/:name				rewrap to the latest version
+ *		POST keys/:name/rotate			rotate
+ *
+ * Vault's ciphertext "vault:v<N>:<base64>" is stored in values as the KEK
+ * version N plus the raw bytes behind the base64, and rebuilt for each call.
+ * Storing the raw bytes makes values smaller and makes every stored byte
+ * significant: a changed version or byte makes Vault's authenticated
+ * decryption fail instead of being silently normalised.
+ *
+ * The token is read from the file named by envelope.vault_token_file at each
+ * call (so a rotated token is picked up without a reload), sent only in the
+ * X-Vault-Token header, and wiped afterwards.  No message ever includes it.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "common/base64.h"
+#include "lib/stringinfo.h"
+#include "utils/builtins.h"
+
+#include "crypto.h"
+#include "envelope.h"
+#include "format.h"
+#include "http.h"
+#include "jsonx.h"
+#include "kms.h"
+
+#define VAULT_PREFIX		"vault:v"
+#define VAULT_MAX_TOKEN		4096
+#define VAULT_ERROR_MAX		200
+
+/* One call's answer: HTTP status and the extracted fields. */
+typedef struct VaultAnswer
+{
+	long		status;
+	JsonxField	fields[4];		/* caller's fields, then "errors.0" last */
+	int			nfields;
+} VaultAnswer;
+
+/* Reject key names that could change the request path. */
+static void
+check_key_ref(const char *key_ref)
+{
+	if (key_ref[0] == '\0' || strcmp(key_ref, ".") == 0 || strcmp(key_ref, "..") == 0 ||
+		strspn(key_ref, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-") != strlen(key_ref))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid Vault key name \"%s\"", key_ref),
+				 errdetail("Vault Transit key names used by envelope consist of letters, digits, \"_\", \".\" and \"-\".")));
+}
+
+/* Read the token from envelope.vault_token_file into a palloc'd string. */
+static char *
+read_token(void)
+{
+	char	   *buf;
+	int			fd;
+	ssize_t		n;
+	int			len;
+
+	if (envelope_vault_token_file == NULL || envelope_vault_token_file[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("envelope.vault_token_file is not set"),
+				 errhint("Set envelope.vault_token_file to a file, readable by the server, that holds the Vault token.")));
+
+	fd = open(envelope_vault_token_file, O_RDONLY | PG_BINARY, 0);
+	if (fd < 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not open Vault token file \"%s\": %m", envelope_vault_token_file)));
+	buf = palloc0(VAULT_MAX_TOKEN + 1);
+	n = read(fd, buf, VAULT_MAX_TOKEN + 1);
+	close(fd);
+	if (n < 0)
+	{
+		pfree(buf);
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not read Vault token file \"%s\": %m", envelope_vault_token_file)));
+	}
+	if (n > VAULT_MAX_TOKEN)
+	{
+		env_wipe(buf, VAULT_MAX_TOKEN + 1);
+		pfree(buf);
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIG_FILE_ERROR),
+				 errmsg("Vault token file \"%s\" is too large", envelope_vault_token_file)));
+	}
+	len = (int) n;
+	while (len > 0 && (buf[len - 1] == '\n' || buf[len - 1] == '\r' ||
+					   buf[len - 1] == ' ' || buf[len - 1] == '\t'))
+		buf[--len] = '\0';
+	if (len == 0 || strpbrk(buf, "\r\n") != NULL)
+	{
+		env_wipe(buf, VAULT_MAX_TOKEN + 1);
+		pfree(buf);
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIG_FILE_ERROR),
+				 errmsg("Vault token file \"%s\" does not hold a token", envelope_vault_token_file),
+				 errdetail("The file must contain the token on a single line.")));
+	}
+	return buf;
+}
+
+/* The first error string of an answer, shortened, or a placeholder. */
+static const char *
+answer_error_text(const VaultAnswer *a)
+{
+	const char *e = a->fields[a->nfields - 1].value;
+
+	if (e == NULL || e[0] == '\0')
+		return "no error message";
+	if (strlen(e) > VAULT_ERROR_MAX)
+		return psprintf("%.*s...", VAULT_ERROR_MAX, e);
+	return e;
+}
+
+/* True if the answer's error text contains needle. */
+static bool
+answer_error_has(const VaultAnswer *a, const char *needle)
+{
+	const char *e = a->fields[a->nfields - 1].value;
+
+	return e != NULL && strstr(e, needle) != NULL;
+}
+
+/* Raise the error for a non-success answer. */
+static void
+vault_fail(const VaultAnswer *a, const char *key_ref, int32 version)
+{
+	long		st = a->status;
+	const char *etext = answer_error_text(a);
+
+	if (st == 401 || st == 403)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+				 errmsg("KMS denied access to key \"%s\"", key_ref),
+				 errdetail("Vault answered HTTP %ld: %s.", st, etext),
+				 errhint("Check the token in the file named by envelope.vault_token_file and its Vault policy.")));
+	if (st == 404 || (st == 400 && answer_error_has(a, "not found")))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("key \"%s\" does not exist in the KMS", key_ref),
+				 errdetail("Vault answered HTTP %ld: %s.", st, etext)));
+	if (st == 400 && answer_error_has(a, "disallowed by policy"))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("version %d of KMS key \"%s\" is retired", version, key_ref),
+				 errdetail("Vault answered HTTP %ld: %s.", st, etext),
+				 errhint("The KMS's minimum decryption version is above this value's KEK version; it can only be read after lowering min_decryption_version.")));
+	if (st == 400 && (answer_error_has(a, "authentication failed") ||
+					  answer_error_has(a, "invalid ciphertext") ||
+					  answer_error_has(a, "invalid key version")))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("KMS could not unwrap the data key with version %d of key \"%s\"", version, key_ref),
+				 errdetail("Vault answered HTTP %ld: %s.", st, etext),
+				 errhint("The wrapped data key stored in the value was modified or belongs to another key.")));
+	if (st == 429 || st >= 500)
+		ereport(ERROR,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("KMS is unavailable"),
+				 errdetail("Vault answered HTTP %ld: %s.", st, etext)));
+	ereport(ERROR,
+			(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+			 errmsg("KMS request for key \"%s\" failed", key_ref),
+			 errdetail("Vault answered HTTP %ld: %s.", st, etext)));
+}
+
+/* Raise "malformed answer" with a detail sentence. */
+static void
+vault_malformed(const char *key_ref, const char *detail) pg_attribute_noreturn();
+static void
+vault_malformed(const char *key_ref, const char *detail)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_PROTOCOL_VIOLATION),
+			 errmsg("KMS returned a malformed answer for key \"%s\"", key_ref),
+			 errdetail_internal("%s", detail)));
+}
+
+/*
+ * Call Vault: method on <mount>/<op>/<key_ref><suffix> with an optional JSON
+ * body.  paths names the fields to extract; on a 2xx answer they are in
+ * a->fields, on anything else the call raises.  body is wiped.
+ */
+static void
+vault_call(const char *method, const char *op, const char *key_ref, const char *suffix,
+		   StringInfo body, const char *const *paths, int npaths,
+		   int32 version, VaultAnswer *a)
+{
+	HttpRequest req;
+	HttpResponse resp;
+	StringInfoData url;
+	char	   *token;
+	char	   *token_header;
+	char	   *ns_header = NULL;
+	const char *problem;
+	int			addrlen;
+
+	Assert(npaths < lengthof(a->fields));
+	check_key_ref(key_ref);
+	if (envelope_vault_addr == NULL || envelope_vault_addr[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("envelope.vault_addr is not set"),
+				 errhint("Set envelope.vault_addr to the Vault server's address, for example \"https://vault.example.com:8200\".")));
+
+	addrlen = strlen(envelope_vault_addr);
+	while (addrlen > 0 && envelope_vault_addr[addrlen - 1] == '/')
+		addrlen--;
+	initStringInfo(&url);
+	appendStringInfo(&url, "%.*s/v1/%s/%s/%s%s", addrlen, envelope_vault_addr,
+					 envelope_vault_mount, op, key_ref, suffix ? suffix : "");
+
+	token = read_token();
+	token_header = psprintf("X-Vault-Token: %s", token);
+	env_wipe(token, strlen(token));
+	pfree(token);
+
+	memset(&req, 0, sizeof(req));
+	req.method = method;
+	req.url = url.data;
+	req.body = body ? body->data : NULL;
+	req.body_len = body ? body->len : 0;
+	req.ca_file = envelope_vault_ca_file;
+	req.timeout_ms = envelope_kms_timeout;
+	req.headers[req.nheaders++] = token_header;
+	req.headers[req.nheaders++] = "Content-Type: application/json";
+	if (envelope_vault_namespace && envelope_vault_namespace[0])
+	{
+		ns_header = psprintf("X-Vault-Namespace: %s", envelope_vault_namespace);
+		req.headers[req.nheaders++] = ns_header;
+	}
+
+	PG_TRY();
+	{
+		http_perform(&req, &resp);
+	}
+	PG_FINALLY();
+	{
+		env_wipe(token_header, strlen(token_header));
+		if (body)
+			env_wipe(body->data, body->len);
+	}
+	PG_END_TRY();
+
+	memset(a, 0, sizeof(*a));
+	a->status = resp.status;
+	for (int i = 0; i < npaths; i++)
+		a->fields[i].path = paths[i];
+	a->fields[npaths].path = "errors.0";
+	a->nfields = npaths + 1;
+
+	problem = jsonx_extract(resp.body, resp.body_len, a->fields, a->nfields);
+	http_wipe();
+
+	if (a->status < 200 || a->status > 299)
+	{
+		if (problem)
+			a->fields[npaths].value = NULL;
+		vault_fail(a, key_ref, version);
+	}
+	if (problem && resp.body_len > 0)
+		vault_malformed(key_ref, problem);
+}
+
+/* Field i of an answer as a string; raises if it is missing. */
+static const char *
+answer_string(VaultAnswer *a, int i, const char *key_ref)
+{
+	if (a->fields[i].value == NULL || !a->fields[i].is_string)
+	{
+		const char *path = a->fields[i].path;
+
+		jsonx_wipe(a->fields, a->nfields);
+		vault_malformed(key_ref, psprintf("The answer has no string \"%s\".", path));
+	}
+	return a->fields[i].value;
+}
+
+/* Field i of an answer as a positive int32; raises if it is missing. */
+static int32
+answer_int(VaultAnswer *a, int i, const char *key_ref)
+{
+	const char *v = a->fields[i].value;
+	char	   *end;
+	long		n;
+
+	if (v == NULL)
+		vault_malformed(key_ref, psprintf("The answer has no \"%s\".", a->fields[i].path));
+	errno = 0;
+	n = strtol(v, &end, 10);
+	if (errno != 0 || *end != '\0' || n < 0 || n > PG_INT32_MAX)
+		vault_malformed(key_ref, psprintf("The answer's \"%s\" is not a valid version.", a->fields[i].path));
+	return (int32) n;
+}
+
+/* Parse "vault:v<N>:<base64>" into a KmsWrapped. */
+static void
+parse_ciphertext(const char *s, const char *key_ref, KmsWrapped *out)
+{
+	const char *p;
+	char	   *end;
+	long		version;
+	int			b64len;
+	int			maxlen;
+
+	if (strncmp(s, VAULT_PREFIX, strlen(VAULT_PREFIX)) != 0)
+		vault_malformed(key_ref, "The ciphertext does not start with \"vault:v\".");
+	p = s + strlen(VAULT_PREFIX);
+	errno = 0;
+	version = strtol(p, &end, 10);
+	if (errno != 0 || end == p || *end != ':' || version < 1 || version > PG_INT32_MAX)
+		vault_malformed(key_ref, "The ciphertext has no valid key version.");
+	p = end + 1;
+	b64len = strlen(p);
+	if (b64len == 0 || b64len > 4 * ENV_MAX_WRAPPED_LEN)
+		vault_malformed(key_ref, "The ciphertext has an invalid length.");
+	maxlen = pg_b64_dec_len(b64len);
+	out->data = palloc(maxlen);
+	out->len = pg_b64_decode(p, b64len, (char *) out->data, maxlen);
+	if (out->len <= 0 || out->len > ENV_MAX_WRAPPED_LEN)
+		vault_malformed(key_ref, "The ciphertext is not valid base64.");
+	out->version = (int32) version;
+}
+
+/* Build "vault:v<N>:<base64>" for a wrapped key, appended as a JSON string. */
+static void
+append_ciphertext(StringInfo buf, const KmsWrapped *w)
+{
+	int			enclen = pg_b64_enc_len(w->len);
+	char	   *b64 = palloc(enclen + 1);
+	int			n = pg_b64_encode((const char *) w->data, w->len, b64, enclen);
+
+	if (n < 0)
+		elog(ERROR, "could not encode wrapped data key");
+	b64[n] = '\0';
+	appendStringInfo(buf, "\"%s%d:%s\"", VAULT_PREFIX, w->version, b64);
+	pfree(b64);
+}
+
+/* Decode a base64 data key into dek; raises unless it is exactly 32 bytes. */
+static void
+decode_dek(const char *b64, const char *key_ref, uint8 *dek)
+{
+	char		buf[64];
+	int			len = strlen(b64);
+	int			n;
+
+	if (len > 60)
+		vault_malformed(key_ref, "The data key has the wrong length.");
+	n = pg_b64_decode(b64, len, buf, sizeof(buf));
+	if (n != ENV_KEY_LEN)
+	{
+		env_wipe(buf, sizeof(buf));
+		vault_malformed(key_ref, "The data key has the wrong length.");
+	}
+	memcpy(dek, buf, ENV_KEY_LEN);
+	env_wipe(buf, sizeof(buf));
+}
+
+/* key_info: GET keys/:name */
+static void
+vault_key_info(const char *key_ref, KmsKeyInfo *info)
+{
+	static const char *const paths[] = {"data.latest_version", "data.min_decryption_version"};
+	VaultAnswer a;
+
+	vault_call("GET", "keys", key_ref, NULL, NULL, paths, 2, 0, &a);
+	info->latest_version = answer_int(&a, 0, key_ref);
+	info->min_decryption_version = a.fields[1].value ? answer_int(&a, 1, key_ref) : 1;
+	if (info->latest_version < 1)
+		vault_malformed(key_ref, "The key's latest version is not positive.");
+	jsonx_wipe(a.fields, a.nfields);
+}
+
+/* generate_dek: POST datakey/plaintext/:name */
+static void
+vault_generate_dek(const char *key_ref, uint8 *dek, KmsWrapped *wrapped)
+{
+	static const char *const paths[] = {"data.plaintext", "data.ciphertext"};
+	VaultAnswer a;
+	StringInfoData body;
+
+	initStringInfo(&body);
+	appendStringInfoString(&body, "{\"bits\": 256}");
+	vault_call("POST", "datakey/plaintext", key_ref, NULL, &body, paths, 2, 0, &a);
+	PG_TRY();
+	{
+		decode_dek(answer_string(&a, 0, key_ref), key_ref, dek);
+		parse_ciphertext(answer_string(&a, 1, key_ref), key_ref, wrapped);
+	}
+	PG_FINALLY();
+	{
+		jsonx_wipe(a.fields, a.nfields);
+	}
+	PG_END_TRY();
+}
+
+/* wrap: POST encrypt/:name with the data key as plaintext */
+static void
+vault_wrap(const char *key_ref, const uint8 *dek, KmsWrapped *wrapped)
+{
+	static const char *const paths[] = {"data.ciphertext"};
+	VaultAnswer a;
+	StringInfoData body;
+	char		b64[64];
+	int			n;
+
+	n = pg_b64_encode((const char *) dek, ENV_KEY_LEN, b64, sizeof(b64) - 1);
+	if (n < 0)
+		elog(ERROR, "could not encode data key");
+	b64[n] = '\0';
+	initStringInfo(&body);
+	appendStringInfo(&body, "{\"plaintext\": \"%s\"}", b64);
+	env_wipe(b64, sizeof(b64));
+	vault_call("POST", "encrypt", key_ref, NULL, &body, paths, 1, 0, &a);
+	parse_ciphertext(answer_string(&a, 0, key_ref), key_ref, wrapped);
+	jsonx_wipe(a.fields, a.nfields);
+}
+
+/* unwrap: POST decrypt/:name */
+static void
+vault_unwrap(const char *key_ref, const KmsWrapped *wrapped, uint8 *dek)
+{
+	static const char *const paths[] = {"data.plaintext"};
+	VaultAnswer a;
+	StringInfoData body;
+
+	initStringInfo(&body);
+	appendStringInfoString(&body, "{\"ciphertext\": ");
+	append_ciphertext(&body, wrapped);
+	appendStringInfoChar(&body, '}');
+	vault_call("POST", "decrypt", key_ref, NULL, &body, paths, 1, wrapped->version, &a);
+	PG_TRY();
+	{
+		decode_dek(answer_string(&a, 0, key_ref), key_ref, dek);
+	}
+	PG_FINALLY();
+	{
+		jsonx_wipe(a.fields, a.nfields);
+	}
+	PG_END_TRY();
+}
+
+/* rewrap: POST rewrap/:name */
+static void
+vault_rewrap(const char *key_ref, const KmsWrapped *in, KmsWrapped *out)
+{
+	static const char *const paths[] = {"data.ciphertext"};
+	VaultAnswer a;
+	StringInfoData body;
+
+	initStringInfo(&body);
+	appendStringInfoString(&body, "{\"ciphertext\": ");
+	append_ciphertext(&body, in);
+	appendStringInfoChar(&body, '}');
+	vault_call("POST", "rewrap", key_ref, NULL, &body, paths, 1, in->version, &a);
+	parse_ciphertext(answer_string(&a, 0, key_ref), key_ref, out);
+	jsonx_wipe(a.fields, a.nfields);
+}
+
+/* rotate: POST keys/:name/rotate */
+static void
+vault_rotate(const char *key_ref)
+{
+	VaultAnswer a;
+	StringInfoData body;
+
+	initStringInfo(&body);
+	appendStringInfoString(&body, "{}");
+	vault_call("POST", "keys", key_ref, "/rotate", &body, NULL, 0, 0, &a);
+	jsonx_wipe(a.fields, a.nfields);
+}
+
+const KmsProvider kms_vault_provider = {
+	.name = "vault",
+	.key_info = vault_key_info,
+	.generate_dek = vault_generate_dek,
+	.wrap = vault_wrap,
+	.unwrap = vault_unwrap,
+	.rewrap = vault_rewrap,
+	.rotate = vault_rotate,
+};
