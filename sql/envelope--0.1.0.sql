@@ -58,6 +58,14 @@ CREATE FUNCTION @extschema@.dec(value @extschema@.enc_bytea, context pg_catalog.
 COMMENT ON FUNCTION @extschema@.dec(@extschema@.enc_bytea, pg_catalog.bytea) IS
 	'decrypt a value to bytea';
 
+-- DEC is an SQL keyword (a synonym of DECIMAL), so an unqualified dec(x)
+-- is a syntax error; dec_bytea is the same function under a usable name.
+CREATE FUNCTION @extschema@.dec_bytea(value @extschema@.enc_bytea, context pg_catalog.bytea DEFAULT NULL)
+	RETURNS pg_catalog.bytea
+	AS 'MODULE_PATHNAME', 'envelope_dec' LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION @extschema@.dec_bytea(@extschema@.enc_bytea, pg_catalog.bytea) IS
+	'decrypt a value to bytea (the same as dec, callable without quoting)';
+
 CREATE FUNCTION @extschema@.dec_text(value @extschema@.enc_bytea, context pg_catalog.bytea DEFAULT NULL)
 	RETURNS pg_catalog.text
 	AS 'MODULE_PATHNAME', 'envelope_dec_text' LANGUAGE C STABLE PARALLEL SAFE;

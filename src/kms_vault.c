@@ -117,17 +117,26 @@ read_token(void)
 	return buf;
 }
 
-/* The first error string of an answer, shortened, or a placeholder. */
+/* The first error string of an answer (not NULL), shortened. */
 static const char *
 answer_error_text(const VaultAnswer *a)
 {
 	const char *e = a->fields[a->nfields - 1].value;
 
-	if (e == NULL || e[0] == '\0')
-		return "no error message";
 	if (strlen(e) > VAULT_ERROR_MAX)
 		return psprintf("%.*s...", VAULT_ERROR_MAX, e);
 	return e;
+}
+
+/* "Vault answered HTTP n: message." or "Vault answered HTTP n." */
+static int
+answer_detail(const VaultAnswer *a)
+{
+	const char *e = a->fields[a->nfields - 1].value;
+
+	if (e == NULL || e[0] == '\0')
+		return errdetail("Vault answered HTTP %ld.", a->status);
+	return errdetail("Vault answered HTTP %ld: %s.", a->status, answer_error_text(a));
 }
 
 /* True if the answer's error text contains needle. */
@@ -144,24 +153,23 @@ static void
 vault_fail(const VaultAnswer *a, const char *key_ref, int32 version)
 {
 	long		st = a->status;
-	const char *etext = answer_error_text(a);
 
 	if (st == 401 || st == 403)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
 				 errmsg("KMS denied access to key \"%s\"", key_ref),
-				 errdetail("Vault answered HTTP %ld: %s.", st, etext),
+				 answer_detail(a),
 				 errhint("Check the token in the file named by envelope.vault_token_file and its Vault policy.")));
 	if (st == 404 || (st == 400 && answer_error_has(a, "not found")))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("key \"%s\" does not exist in the KMS", key_ref),
-				 errdetail("Vault answered HTTP %ld: %s.", st, etext)));
+				 answer_detail(a)));
 	if (st == 400 && answer_error_has(a, "disallowed by policy"))
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("version %d of KMS key \"%s\" is retired", version, key_ref),
-				 errdetail("Vault answered HTTP %ld: %s.", st, etext),
+				 answer_detail(a),
 				 errhint("The KMS's minimum decryption version is above this value's KEK version; it can only be read after lowering min_decryption_version.")));
 	if (st == 400 && (answer_error_has(a, "authentication failed") ||
 					  answer_error_has(a, "invalid ciphertext") ||
@@ -169,17 +177,17 @@ vault_fail(const VaultAnswer *a, const char *key_ref, int32 version)
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_CORRUPTED),
 				 errmsg("KMS could not unwrap the data key with version %d of key \"%s\"", version, key_ref),
-				 errdetail("Vault answered HTTP %ld: %s.", st, etext),
+				 answer_detail(a),
 				 errhint("The wrapped data key stored in the value was modified or belongs to another key.")));
 	if (st == 429 || st >= 500)
 		ereport(ERROR,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
 				 errmsg("KMS is unavailable"),
-				 errdetail("Vault answered HTTP %ld: %s.", st, etext)));
+				 answer_detail(a)));
 	ereport(ERROR,
 			(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
 			 errmsg("KMS request for key \"%s\" failed", key_ref),
-			 errdetail("Vault answered HTTP %ld: %s.", st, etext)));
+			 answer_detail(a)));
 }
 
 /* Raise "malformed answer" with a detail sentence. */

@@ -230,8 +230,10 @@ def split_ciphertext(text):
 
 
 def int_param(body, field, default):
-    """An integer request field; like Vault, numeric strings are accepted too."""
-    value = body.get(field, default)
+    """An integer request field (null: default); like Vault, numeric strings are accepted too."""
+    value = body.get(field)
+    if value is None:
+        return default
     if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value):
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -240,8 +242,10 @@ def int_param(body, field, default):
 
 
 def bool_param(body, field, default):
-    """A boolean request field; the strings "true" and "false" are accepted too."""
-    value = body.get(field, default)
+    """A boolean request field (null: default); the strings "true" and "false" are accepted too."""
+    value = body.get(field)
+    if value is None:
+        return default
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if isinstance(value, bool):
@@ -643,6 +647,7 @@ class JsonHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
+    wbufsize = 1 << 16  # headers and body leave in one write (one TLS record)
     server_version = "vault-transit-test"
     label = ""
 
@@ -675,6 +680,7 @@ class JsonHandler(BaseHTTPRequestHandler):
             self.send_header(header, value)
         self.end_headers()
         self.wfile.write(body)
+        self.wfile.flush()
 
     def read_body(self):
         """Read the request body by Content-Length; None (after answering 400) if unusable."""
@@ -756,7 +762,8 @@ class TransitHandler(JsonHandler):
         if mode.startswith("slow:"):
             time.sleep(int(mode[5:]) / 1000)
         if mode in CANNED:
-            self.reply(*CANNED[mode])
+            status, payload, headers = CANNED[mode]
+            self.reply(status, payload, headers=headers)
             return
         if mode == "malformed":
             self.reply(200, raw=MALFORMED_BODY)
@@ -797,7 +804,8 @@ class TransitServer(QuietServer):
         request.settimeout(10)
         try:
             conn = self.context.wrap_socket(request, server_side=True)
-        except OSError:
+        except OSError as exc:
+            log(f"https TLS handshake with {client_address[0]} failed: {exc}")
             return
         conn.settimeout(None)
         with self.conns_lock:
