@@ -688,7 +688,7 @@ class JsonHandler(BaseHTTPRequestHandler):
             self.send_error(400, "chunked request bodies are not supported")
             return None
         length = self.headers.get("Content-Length", "0").strip()
-        if not length.isdigit():
+        if not re.fullmatch(r"[0-9]+", length):
             self.send_error(400, "invalid Content-Length")
             return None
         return self.rfile.read(int(length))
