@@ -12,12 +12,13 @@
  * a value cannot be made to decrypt under two different keys (the AWS
  * Encryption SDK's committing suites do the same).
  *
- * Resource handling: an EVP_CIPHER_CTX lives only inside env_seal() and
- * env_open(), and nothing between its allocation and its release can raise
- * a PostgreSQL error (no palloc, no ereport, no CHECK_FOR_INTERRUPTS), so no
- * context can leak on ERROR.  OpenSSL failures are recorded and reported by
- * crypto_error() after the context is freed: the one place that turns
- * OpenSSL's error queue into ereport.
+ * Resource handling: the OpenSSL algorithms and contexts are fetched and
+ * allocated once per backend (crypto_init) and reused, so an ERROR raised in
+ * the middle of an operation can never leak one; each operation starts by
+ * re-initialising the context it uses.  OpenSSL failures are reported by
+ * crypto_error(): the one place that turns OpenSSL's error queue into
+ * ereport.  The GCM key schedule left in the reused context is overwritten
+ * by the next operation; contexts are not shared across backends.
  *
  *-------------------------------------------------------------------------
  */
@@ -28,7 +29,8 @@
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
+#include <openssl/core_names.h>
+#include <openssl/params.h>
 #include <openssl/rand.h>
 
 #include "crypto.h"
@@ -77,46 +79,101 @@ env_random_bytes(uint8 *buf, int len)
 		crypto_error("generate random bytes");
 }
 
+/*
+ * Per-backend OpenSSL objects, fetched and allocated once.  With OpenSSL 3,
+ * implicit fetches (EVP_sha256(), HMAC(), EVP_CIPHER_CTX_new() per call)
+ * take global locks and allocate on every call and dominated the per-value
+ * cost; reusing prefetched algorithms and contexts removes that.  The
+ * contexts are static, so an ERROR can never leak them.
+ */
+static EVP_MD *sha256_md = NULL;
+static EVP_MAC_CTX *hmac_ctx = NULL;
+static EVP_MD_CTX *md_ctx = NULL;
+static EVP_CIPHER *gcm_cipher = NULL;
+static EVP_CIPHER_CTX *gcm_ctx = NULL;
+
+/* Fetch the algorithms and allocate the contexts on first use. */
+static void
+crypto_init(void)
+{
+	EVP_MAC    *mac;
+	OSSL_PARAM	params[2];
+
+	if (gcm_ctx != NULL)
+		return;
+	sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+	gcm_cipher = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+	mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
+	if (sha256_md == NULL || gcm_cipher == NULL || mac == NULL)
+		crypto_error("load SHA-256, HMAC and AES-256-GCM");
+	hmac_ctx = EVP_MAC_CTX_new(mac);
+	EVP_MAC_free(mac);			/* the context keeps its own reference */
+	md_ctx = EVP_MD_CTX_new();
+	params[0] = OSSL_PARAM_construct_utf8_string("digest", "SHA256", 0);
+	params[1] = OSSL_PARAM_construct_end();
+	if (hmac_ctx == NULL || md_ctx == NULL || EVP_MAC_CTX_set_params(hmac_ctx, params) != 1)
+		crypto_error("set up HMAC-SHA256");
+	gcm_ctx = EVP_CIPHER_CTX_new();
+	if (gcm_ctx == NULL)
+		crypto_error("set up AES-256-GCM");
+}
+
+/* out = HMAC-SHA256(key, a || b); returns false on failure. */
+static bool
+hmac_sha256(const uint8 *key, size_t keylen, const uint8 *a, size_t alen,
+			const uint8 *b, size_t blen, uint8 *out)
+{
+	size_t		outl = 0;
+
+	return EVP_MAC_init(hmac_ctx, key, keylen, NULL) == 1 &&
+		EVP_MAC_update(hmac_ctx, a, alen) == 1 &&
+		(blen == 0 || EVP_MAC_update(hmac_ctx, b, blen) == 1) &&
+		EVP_MAC_final(hmac_ctx, out, &outl, 32) == 1 &&
+		outl == 32;
+}
+
+/* SHA-256 over several byte strings, concatenated. */
+void
+env_sha256(const uint8 *const *parts, const size_t *lens, int nparts, uint8 *digest)
+{
+	unsigned int mdlen = 0;
+	bool		ok;
+
+	crypto_init();
+	ok = EVP_DigestInit_ex2(md_ctx, sha256_md, NULL) == 1;
+	for (int i = 0; ok && i < nparts; i++)
+		ok = EVP_DigestUpdate(md_ctx, parts[i], lens[i]) == 1;
+	if (!ok || EVP_DigestFinal_ex(md_ctx, digest, &mdlen) != 1 || mdlen != 32)
+		crypto_error("compute SHA-256");
+}
+
 /* Derive the per-value key and key commitment (HKDF-SHA256, RFC 5869). */
 void
 env_derive_value_key(const uint8 *dek, const uint8 *salt,
 					 uint8 *value_key, uint8 *commit)
 {
-	uint8		prk[EVP_MAX_MD_SIZE];
-	unsigned int prklen = 0;
-	uint8		block[EVP_MAX_MD_SIZE + sizeof(HKDF_INFO) + 1];
-	uint8		t[EVP_MAX_MD_SIZE];
-	unsigned int tlen = 0;
+	static const uint8 info1[] = HKDF_INFO "\x01";
+	uint8		info2[sizeof(HKDF_INFO)];
+	uint8		prk[32];
+	uint8		t1[32];
 	size_t		infolen = sizeof(HKDF_INFO) - 1;
 	bool		ok;
 
-	/* Extract: PRK = HMAC(salt, DEK) */
-	ok = HMAC(EVP_sha256(), salt, ENV_SALT_LEN, dek, ENV_KEY_LEN, prk, &prklen) != NULL;
+	crypto_init();
+	memcpy(info2, HKDF_INFO, infolen);
+	info2[infolen] = 0x02;
 
-	/* Expand, T(1) = HMAC(PRK, info || 0x01): the value key */
-	if (ok)
-	{
-		memcpy(block, HKDF_INFO, infolen);
-		block[infolen] = 0x01;
-		ok = HMAC(EVP_sha256(), prk, prklen, block, infolen + 1, t, &tlen) != NULL;
-		if (ok)
-			memcpy(value_key, t, ENV_KEY_LEN);
-	}
-
+	/* Extract: PRK = HMAC(salt, DEK); T(1) = HMAC(PRK, info || 0x01) */
+	ok = hmac_sha256(salt, ENV_SALT_LEN, dek, ENV_KEY_LEN, NULL, 0, prk) &&
+		hmac_sha256(prk, 32, info1, infolen + 1, NULL, 0, t1);
 	/* T(2) = HMAC(PRK, T(1) || info || 0x02): the commitment */
 	if (ok)
-	{
-		memcpy(block, t, tlen);
-		memcpy(block + tlen, HKDF_INFO, infolen);
-		block[tlen + infolen] = 0x02;
-		ok = HMAC(EVP_sha256(), prk, prklen, block, tlen + infolen + 1, t, &tlen) != NULL;
-		if (ok)
-			memcpy(commit, t, ENV_COMMIT_LEN);
-	}
+		ok = hmac_sha256(prk, 32, t1, 32, info2, infolen + 1, commit);
+	if (ok)
+		memcpy(value_key, t1, ENV_KEY_LEN);
 
 	env_wipe(prk, sizeof(prk));
-	env_wipe(block, sizeof(block));
-	env_wipe(t, sizeof(t));
+	env_wipe(t1, sizeof(t1));
 	if (!ok)
 	{
 		env_wipe(value_key, ENV_KEY_LEN);
@@ -154,22 +211,20 @@ env_seal(const uint8 *value_key, const uint8 *nonce,
 		 const uint8 *header, const uint8 *context, int context_len,
 		 const uint8 *plaintext, int len, uint8 *ciphertext, uint8 *tag)
 {
-	EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+	EVP_CIPHER_CTX *ctx;
 	int			outl = 0;
 	int			finl = 0;
 	bool		ok;
 
-	ok = ctx != NULL &&
-		EVP_EncryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, NULL, NULL) == 1 &&
-		EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, ENV_NONCE_LEN, NULL) == 1 &&
-		EVP_EncryptInit_ex(ctx, NULL, NULL, value_key, nonce) == 1 &&
+	crypto_init();
+	ctx = gcm_ctx;
+	ok = EVP_EncryptInit_ex2(ctx, gcm_cipher, value_key, nonce, NULL) == 1 &&
 		gcm_aad(ctx, true, header, context, context_len) &&
 		(len == 0 || EVP_EncryptUpdate(ctx, ciphertext, &outl, plaintext, len) == 1) &&
 		EVP_EncryptFinal_ex(ctx, ciphertext + outl, &finl) == 1 &&
 		outl + finl == len &&
 		EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, ENV_TAG_LEN, tag) == 1;
 
-	EVP_CIPHER_CTX_free(ctx);
 	if (!ok)
 		crypto_error("encrypt value");
 }
@@ -180,25 +235,23 @@ env_open(const uint8 *value_key, const uint8 *nonce,
 		 const uint8 *header, const uint8 *context, int context_len,
 		 const uint8 *ciphertext, int len, const uint8 *tag, uint8 *plaintext)
 {
-	EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+	EVP_CIPHER_CTX *ctx;
 	uint8		tagcopy[ENV_TAG_LEN];
 	int			outl = 0;
 	int			finl = 0;
 	bool		setup;
 	bool		verified = false;
 
+	crypto_init();
+	ctx = gcm_ctx;
 	memcpy(tagcopy, tag, ENV_TAG_LEN);
-	setup = ctx != NULL &&
-		EVP_DecryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, NULL, NULL) == 1 &&
-		EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, ENV_NONCE_LEN, NULL) == 1 &&
-		EVP_DecryptInit_ex(ctx, NULL, NULL, value_key, nonce) == 1 &&
+	setup = EVP_DecryptInit_ex2(ctx, gcm_cipher, value_key, nonce, NULL) == 1 &&
 		gcm_aad(ctx, false, header, context, context_len) &&
 		(len == 0 || EVP_DecryptUpdate(ctx, plaintext, &outl, ciphertext, len) == 1) &&
 		EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, ENV_TAG_LEN, tagcopy) == 1;
 	if (setup)
 		verified = EVP_DecryptFinal_ex(ctx, plaintext + outl, &finl) == 1;
 
-	EVP_CIPHER_CTX_free(ctx);
 	if (!setup)
 	{
 		env_wipe(plaintext, len);

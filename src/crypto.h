@@ -39,6 +39,10 @@ extern bool env_open(const uint8 *value_key, const uint8 *nonce,
 					 const uint8 *ciphertext, int len, const uint8 *tag,
 					 uint8 *plaintext);
 
+/* SHA-256 over several byte strings, concatenated. */
+extern void env_sha256(const uint8 *const *parts, const size_t *lens, int nparts,
+					   uint8 *digest);
+
 /* Constant-time comparison of two equal-length buffers. */
 extern bool env_equal_ct(const uint8 *a, const uint8 *b, int len);
 

@@ -101,8 +101,9 @@ encrypt_value(FunctionCallInfo fcinfo, const uint8 *plaintext, int len, uint16 t
 	int			ctx_len;
 	uint8		dek[ENV_KEY_LEN];
 	uint8		value_key[ENV_KEY_LEN];
-	uint8		salt[ENV_SALT_LEN];
-	uint8		nonce[ENV_NONCE_LEN];
+	uint8		fresh[ENV_SALT_LEN + ENV_NONCE_LEN];	/* salt, then nonce */
+	uint8	   *salt = fresh;
+	uint8	   *nonce = fresh + ENV_SALT_LEN;
 	uint8		commit[ENV_COMMIT_LEN];
 	Size		total;
 	bytea	   *result;
@@ -138,8 +139,7 @@ encrypt_value(FunctionCallInfo fcinfo, const uint8 *plaintext, int len, uint16 t
 		ref.wrapped = wrapped.data;
 		ref.wrapped_len = wrapped.len;
 
-		env_random_bytes(salt, sizeof(salt));
-		env_random_bytes(nonce, sizeof(nonce));
+		env_random_bytes(fresh, sizeof(fresh));
 		env_derive_value_key(dek, salt, value_key, commit);
 
 		p = (uint8 *) VARDATA(result);

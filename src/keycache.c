@@ -26,8 +26,6 @@
 
 #include <sys/mman.h>
 
-#include <openssl/evp.h>
-
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -121,30 +119,27 @@ keycache_init(void)
 static void
 wrapped_digest(const KekInfo *kek, const KmsWrapped *w, uint8 *digest)
 {
-	Size		plen = strlen(kek->provider_name);
-	Size		klen = strlen(kek->key_ref);
-	Size		len = plen + 1 + klen + 1 + 4 + (w ? w->len : 0);
-	uint8	   *buf = palloc(len);
-	uint8	   *p = buf;
-	unsigned int mdlen;
+	uint8		vbuf[4] = {0, 0, 0, 0};
+	const uint8 *parts[4];
+	size_t		lens[4];
 
-	memcpy(p, kek->provider_name, plen + 1);
-	p += plen + 1;
-	memcpy(p, kek->key_ref, klen + 1);
-	p += klen + 1;
 	if (w)
 	{
-		p[0] = (uint8) (w->version >> 24);
-		p[1] = (uint8) (w->version >> 16);
-		p[2] = (uint8) (w->version >> 8);
-		p[3] = (uint8) w->version;
-		memcpy(p + 4, w->data, w->len);
+		vbuf[0] = (uint8) (w->version >> 24);
+		vbuf[1] = (uint8) (w->version >> 16);
+		vbuf[2] = (uint8) (w->version >> 8);
+		vbuf[3] = (uint8) w->version;
 	}
-	else
-		memset(p, 0, 4);
-	if (EVP_Digest(buf, len, digest, &mdlen, EVP_sha256(), NULL) != 1)
-		elog(ERROR, "could not compute SHA-256");
-	pfree(buf);
+	/* NUL terminators separate the names, so the encoding is unambiguous. */
+	parts[0] = (const uint8 *) kek->provider_name;
+	lens[0] = strlen(kek->provider_name) + 1;
+	parts[1] = (const uint8 *) kek->key_ref;
+	lens[1] = strlen(kek->key_ref) + 1;
+	parts[2] = vbuf;
+	lens[2] = 4;
+	parts[3] = w ? w->data : vbuf;
+	lens[3] = w ? (size_t) w->len : 0;
+	env_sha256(parts, lens, 4, digest);
 }
 
 /* Wipe one decrypt entry. */
