@@ -223,9 +223,13 @@ decrypt_value(FunctionCallInfo fcinfo)
 
 	PG_TRY();
 	{
-		keycache_unwrap(&kek, &wrapped, dek);
+		bool		from_kms = keycache_unwrap(&kek, &wrapped, dek);
+
 		env_derive_value_key(dek, v.salt, value_key, commit);
 		committed = env_equal_ct(commit, v.commit, ENV_COMMIT_LEN);
+		/* Cache a key from the KMS only once the commitment vouches for it. */
+		if (committed && from_kms)
+			keycache_put(&kek, &wrapped, dek);
 		if (committed)
 			opened = env_open(value_key, v.nonce, v.header, ctx, ctx_len,
 							  v.ciphertext, v.ciphertext_len, v.tag,
@@ -312,7 +316,17 @@ rewrap_key(const EnvValue *v, const KekInfo *from, const KekInfo *target, KmsWra
 			kms_rewrap(from->provider, from->key_ref, &in, out);
 		else
 		{
-			keycache_unwrap(from, &in, dek);
+			bool		from_kms = keycache_unwrap(from, &in, dek);
+
+			/* Never wrap a wrong key under the target: check it first. */
+			env_derive_value_key(dek, v->salt, value_key, commit);
+			if (!env_equal_ct(commit, v->commit, ENV_COMMIT_LEN))
+				ereport(ERROR,
+						(errcode(ERRCODE_DATA_CORRUPTED),
+						 errmsg("could not rewrap value"),
+						 errdetail("The key commitment does not match: the value's wrapped data key or salt was modified, or the KMS returned a wrong key.")));
+			if (from_kms)
+				keycache_put(from, &in, dek);
 			kms_wrap(target->provider, target->key_ref, dek, out);
 		}
 		if (out->version < target->latest_version ||

@@ -220,8 +220,8 @@ keycache_put(const KekInfo *kek, const KmsWrapped *wrapped, const uint8 *dek)
 	memcpy(slot->dek, dek, ENV_KEY_LEN);
 }
 
-/* The plaintext of a wrapped data key, from the cache or the KMS. */
-void
+/* The plaintext of a wrapped data key; true if it came from the KMS (not cached). */
+bool
 keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek)
 {
 	if (envelope_cache_ttl > 0)
@@ -236,12 +236,12 @@ keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek)
 		{
 			n_hits++;
 			memcpy(dek, e->dek, ENV_KEY_LEN);
-			return;
+			return false;
 		}
 	}
 	n_misses++;
 	kms_unwrap(kek->provider, kek->key_ref, wrapped, dek);
-	keycache_put(kek, wrapped, dek);
+	return true;
 }
 
 /* Generate a data key and, if envelope.kms_verify, check it unwraps to itself. */

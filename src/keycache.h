@@ -31,8 +31,13 @@ typedef struct KeyCacheStats
  */
 extern void keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped);
 
-/* The plaintext of a wrapped data key, from the cache or the KMS. */
-extern void keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek);
+/*
+ * The plaintext of a wrapped data key, from the cache or the KMS.  Returns
+ * true if it came from the KMS: the caller then checks it against a value's
+ * key commitment and only then calls keycache_put(), so a wrong key from a
+ * faulty KMS is never cached.
+ */
+extern bool keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek);
 
 /*
  * Look up / remember the result of rewrapping a data key to target's
