@@ -105,6 +105,8 @@ CREATE FUNCTION envelope.kek_changed() RETURNS trigger
 	AS 'MODULE_PATHNAME', 'envelope_kek_changed' LANGUAGE C;
 CREATE TRIGGER kek_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON envelope.kek
 	FOR EACH STATEMENT EXECUTE FUNCTION envelope.kek_changed();
+CREATE TRIGGER kek_row_changed AFTER UPDATE OR DELETE ON envelope.kek
+	FOR EACH ROW EXECUTE FUNCTION envelope.kek_changed();
 
 CREATE VIEW envelope.keks AS
 	SELECT name, provider, key_ref, latest_version, min_decryption_version,
@@ -140,15 +142,15 @@ CREATE FUNCTION envelope.cache_stats(
 	OUT entries pg_catalog.int4, OUT capacity pg_catalog.int4,
 	OUT hits pg_catalog.int8, OUT misses pg_catalog.int8,
 	OUT expirations pg_catalog.int8, OUT evictions pg_catalog.int8,
-	OUT kms_key_info pg_catalog.int8, OUT kms_generate pg_catalog.int8,
+	OUT stale_uses pg_catalog.int8, OUT kms_key_info pg_catalog.int8, OUT kms_generate pg_catalog.int8,
 	OUT kms_wrap pg_catalog.int8, OUT kms_unwrap pg_catalog.int8,
 	OUT kms_rewrap pg_catalog.int8, OUT kms_rotate pg_catalog.int8,
-	OUT kms_errors pg_catalog.int8, OUT last_kms_error pg_catalog.timestamptz,
+	OUT kms_retries pg_catalog.int8, OUT kms_errors pg_catalog.int8, OUT last_kms_error pg_catalog.timestamptz,
 	OUT kms_connections pg_catalog.int8, OUT memory_locked pg_catalog.bool)
 	RETURNS record
 	AS 'MODULE_PATHNAME', 'envelope_cache_stats' LANGUAGE C VOLATILE PARALLEL RESTRICTED;
 COMMENT ON FUNCTION envelope.cache_stats() IS
-	'key cache and KMS call counters of this session';
+	'key cache occupancy and server-wide cache and KMS counters since the server started';
 
 REVOKE ALL ON FUNCTION envelope.create_kek(pg_catalog.text, pg_catalog.text, pg_catalog.text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION envelope.rotate_kek(pg_catalog.text) FROM PUBLIC;

@@ -22,6 +22,20 @@ CREATE FUNCTION from_raw(b bytea) RETURNS enc_bytea LANGUAGE sql IMMUTABLE STRIC
 CREATE FUNCTION ct_and_tag(v enc_bytea) RETURNS bytea LANGUAGE sql IMMUTABLE STRICT
 	AS $$ SELECT substr(raw(v), length(raw(v)) - (envelope.metadata(v)->>'ciphertext_length')::int - 16 + 1) $$;
 
+-- Server-wide counters since the last mark_stats() (tests run one at a time).
+CREATE TABLE stats_mark AS SELECT * FROM envelope.cache_stats();
+CREATE FUNCTION mark_stats() RETURNS void LANGUAGE sql AS $$
+	DELETE FROM stats_mark;
+	INSERT INTO stats_mark SELECT * FROM envelope.cache_stats();
+$$;
+CREATE FUNCTION since_mark(OUT hits bigint, OUT misses bigint, OUT kms_generate bigint,
+						   OUT kms_unwrap bigint, OUT kms_rewrap bigint)
+LANGUAGE sql AS $$
+	SELECT s.hits - m.hits, s.misses - m.misses, s.kms_generate - m.kms_generate,
+		   s.kms_unwrap - m.kms_unwrap, s.kms_rewrap - m.kms_rewrap
+	FROM envelope.cache_stats() s, stats_mark m
+$$;
+
 -- Try to decrypt; return the SQLSTATE of the error, or 'ok: <plaintext>'.
 CREATE FUNCTION try_dec(b bytea, ctx bytea DEFAULT NULL) RETURNS text LANGUAGE plpgsql AS $$
 BEGIN

@@ -13,10 +13,14 @@
  *		kms.c		provider dispatch; kms_vault.c the Vault/OpenBao provider
  *		http.c		interruptible keep-alive HTTPS (libcurl); jsonx.c JSON
  *		funcs.c		enc, dec, dec_text, rewrap, metadata, cache functions
+ *		shmem.c		shared memory and locks; sweeper.c expiry worker
+ *		authz.c		the authorization step every key use passes through
  *
  * Settings that name credentials are superuser-only; KMS settings reload
- * with SIGHUP.  The library may be preloaded (shared_preload_libraries) or
- * loaded on first use.
+ * with SIGHUP.  The library must be in shared_preload_libraries: the key
+ * cache lives in shared memory.  Loaded otherwise (CREATE EXTENSION, or a
+ * dump restored into a server without it), only the type's input and output
+ * work; every function raises 55000 with a hint.
  *
  *-------------------------------------------------------------------------
  */
@@ -27,6 +31,7 @@
 
 #include "envelope.h"
 #include "kek.h"
+#include "shmem.h"
 
 PG_MODULE_MAGIC;
 
@@ -43,6 +48,8 @@ int			envelope_cache_size = 1024;
 int			envelope_dek_max_uses = 100000;
 int			envelope_dek_max_age = 300;
 bool		envelope_kms_verify = true;
+int			envelope_kms_retries = 2;
+int			envelope_kms_outage_grace = 0;
 
 void		_PG_init(void);
 
@@ -154,17 +161,17 @@ _PG_init(void)
 
 	DefineCustomIntVariable("envelope.cache_ttl",
 							"How long an unwrapped data key stays cached (0 disables the cache).",
-							NULL,
+							"Expired keys are wiped within about a second.",
 							&envelope_cache_ttl,
 							60, 0, 300,
 							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("envelope.cache_size",
-							"Maximum number of unwrapped data keys cached.",
+							"Maximum number of unwrapped data keys cached in shared memory.",
 							NULL,
 							&envelope_cache_size,
-							1024, 16, 1048576,
+							1024, 16, 65536,
 							PGC_POSTMASTER, 0,
 							NULL, NULL, NULL);
 
@@ -192,7 +199,24 @@ _PG_init(void)
 							 PGC_SUSET, 0,
 							 NULL, NULL, NULL);
 
+	DefineCustomIntVariable("envelope.kms_retries",
+							"Retries of a KMS call after a connection error, HTTP 429 or 5xx.",
+							"Retries back off exponentially with jitter; statement_timeout bounds them.",
+							&envelope_kms_retries,
+							2, 0, 10,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("envelope.kms_outage_grace",
+							"How long after expiry a cached data key may still be used while the KMS is unavailable.",
+							"0 never uses an expired key.",
+							&envelope_kms_outage_grace,
+							0, 0, 86400,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("envelope");
 
 	kek_init();
+	env_shmem_register();
 }

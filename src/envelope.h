@@ -35,5 +35,7 @@ extern int	envelope_cache_size;		/* entries */
 extern int	envelope_dek_max_uses;
 extern int	envelope_dek_max_age;		/* seconds */
 extern bool envelope_kms_verify;
+extern int	envelope_kms_retries;
+extern int	envelope_kms_outage_grace;	/* seconds */
 
 #endif							/* ENVELOPE_H */

@@ -34,13 +34,14 @@
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 
+#include "authz.h"
 #include "crypto.h"
 #include "envelope.h"
 #include "format.h"
-#include "http.h"
 #include "kek.h"
 #include "keycache.h"
 #include "kms.h"
+#include "shmem.h"
 
 PG_FUNCTION_INFO_V1(envelope_enc);
 PG_FUNCTION_INFO_V1(envelope_enc_text);
@@ -110,7 +111,9 @@ encrypt_value(FunctionCallInfo fcinfo, const uint8 *plaintext, int len, uint16 t
 	uint8	   *p;
 	uint16		flags;
 
+	env_require_shared();
 	kek_from_arg(fcinfo, 1, &kek);
+	env_authorize(&kek, ENV_PRIV_ENCRYPT);
 	context_arg(fcinfo, 2, &ctx, &ctx_len);
 	flags = type_flag | (ctx_len > 0 ? ENV_FLAG_CONTEXT : 0);
 
@@ -214,9 +217,11 @@ decrypt_value(FunctionCallInfo fcinfo)
 	volatile bool committed = false;
 	volatile bool opened = false;
 
+	env_require_shared();
 	env_parse_datum(datum, &v);
 	context_arg(fcinfo, 1, &ctx, &ctx_len);
 	kek_for_value(&v.kek, &kek);
+	env_authorize(&kek, ENV_PRIV_DECRYPT);
 	value_wrapped(&v, &wrapped);
 	result = (bytea *) palloc(VARHDRSZ + v.ciphertext_len);
 	SET_VARSIZE(result, VARHDRSZ + v.ciphertext_len);
@@ -384,6 +389,7 @@ envelope_rewrap(PG_FUNCTION_ARGS)
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
+	env_require_shared();
 	datum = PG_GETARG_VARLENA_PP(0);
 	env_parse_datum(datum, &v);
 	kek_for_value(&v.kek, &from);
@@ -391,6 +397,9 @@ envelope_rewrap(PG_FUNCTION_ARGS)
 		target = from;
 	else
 		kek_lookup(text_to_cstring(PG_GETARG_TEXT_PP(1)), &target, false);
+	env_authorize(&from, ENV_PRIV_REWRAP);
+	if (strcmp(from.name, target.name) != 0)
+		env_authorize(&target, ENV_PRIV_REWRAP);
 
 	/* Already under the target's latest version: nothing to do. */
 	if (strcmp(from.name, target.name) == 0 &&
@@ -454,6 +463,7 @@ envelope_metadata(PG_FUNCTION_ARGS)
 	fsec_t		fsec;
 	Timestamp	ts;
 
+	env_require_shared();
 	env_parse_datum(datum, &v);
 	initStringInfo(&buf);
 	appendStringInfo(&buf, "{\"format_version\": %d", v.version);
@@ -491,37 +501,40 @@ envelope_cache_flush(PG_FUNCTION_ARGS)
 {
 	char	   *kek = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
 
+	env_require_shared();
 	PG_RETURN_INT32(keycache_flush(kek));
 }
 
-/* envelope.cache_stats() returns one row of counters. */
+/* envelope.cache_stats() returns one row of server-wide counters. */
 Datum
 envelope_cache_stats(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[16];
-	bool		nulls[16];
+	Datum		values[18];
+	bool		nulls[18];
 	KeyCacheStats st;
 	int			i = 0;
 
+	env_require_shared();
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 	keycache_stats(&st);
 	memset(nulls, 0, sizeof(nulls));
 	values[i++] = Int32GetDatum(st.entries);
 	values[i++] = Int32GetDatum(st.capacity);
-	values[i++] = Int64GetDatum(st.hits);
-	values[i++] = Int64GetDatum(st.misses);
-	values[i++] = Int64GetDatum(st.expirations);
-	values[i++] = Int64GetDatum(st.evictions);
+	values[i++] = Int64GetDatum((int64) env_counter(CNT_HITS));
+	values[i++] = Int64GetDatum((int64) env_counter(CNT_MISSES));
+	values[i++] = Int64GetDatum((int64) env_counter(CNT_EXPIRATIONS));
+	values[i++] = Int64GetDatum((int64) env_counter(CNT_EVICTIONS));
+	values[i++] = Int64GetDatum((int64) env_counter(CNT_STALE_USES));
 	for (int op = 0; op < KMS_NUM_OPS; op++)
-		values[i++] = Int64GetDatum(kms_calls((KmsOp) op));
-	values[i++] = Int64GetDatum(kms_errors());
-	if (kms_last_error_time() == 0)
-		nulls[i] = true;
-	values[i] = TimestampTzGetDatum(kms_last_error_time());
+		values[i++] = Int64GetDatum((int64) env_counter(CNT_KMS_KEY_INFO + op));
+	values[i++] = Int64GetDatum((int64) env_counter(CNT_KMS_RETRIES));
+	values[i++] = Int64GetDatum((int64) env_counter(CNT_KMS_ERRORS));
+	nulls[i] = env_last_kms_error() == 0;
+	values[i] = TimestampTzGetDatum(env_last_kms_error());
 	i++;
-	values[i++] = Int64GetDatum(http_connections_opened());
+	values[i++] = Int64GetDatum((int64) env_counter(CNT_KMS_CONNECTIONS));
 	values[i++] = BoolGetDatum(st.locked);
 	Assert(i == tupdesc->natts);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));

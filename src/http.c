@@ -27,6 +27,7 @@
 
 #include "crypto.h"
 #include "http.h"
+#include "shmem.h"
 
 /* KMS answers are small JSON documents; anything larger is refused. */
 #define HTTP_MAX_BODY		(64 * 1024)
@@ -37,7 +38,6 @@ static CURL *easy_handle = NULL;
 static char response_buf[HTTP_MAX_BODY + 1];
 static size_t response_len = 0;
 static bool response_overflow = false;
-static long connections_opened = 0;
 
 /* libcurl write callback: append to the static buffer, never allocate. */
 static size_t
@@ -81,20 +81,31 @@ http_wipe(void)
 	response_len = 0;
 }
 
-/* Count of TCP connections opened by this backend (keep-alive check). */
-long
-http_connections_opened(void)
+/* True if a transport failure is worth retrying (connect-level errors). */
+bool
+http_error_retryable(const HttpError *err)
 {
-	return connections_opened;
+	switch ((CURLcode) err->code)
+	{
+		case CURLE_COULDNT_RESOLVE_HOST:
+		case CURLE_COULDNT_CONNECT:
+		case CURLE_SSL_CONNECT_ERROR:
+		case CURLE_GOT_NOTHING:
+		case CURLE_SEND_ERROR:
+		case CURLE_RECV_ERROR:
+			return true;
+		default:
+			return false;
+	}
 }
 
-/* Raise the error that matches a failed transfer. */
-static void
-report_transfer_error(CURLcode rc, const char *errbuf, const HttpRequest *req)
+/* Raise the error that matches a transport failure. */
+void
+http_raise(const HttpError *err, const HttpRequest *req)
 {
-	const char *detail = errbuf[0] ? errbuf : curl_easy_strerror(rc);
+	const char *detail = err->detail;
 
-	switch (rc)
+	switch ((CURLcode) err->code)
 	{
 		case CURLE_OPERATION_TIMEDOUT:
 			ereport(ERROR,
@@ -124,7 +135,7 @@ report_transfer_error(CURLcode rc, const char *errbuf, const HttpRequest *req)
 					 errhint("Check that the KMS is running and that envelope.vault_addr points to it.")));
 			break;
 		case CURLE_WRITE_ERROR:
-			if (response_overflow)
+			if (err->overflow)
 				ereport(ERROR,
 						(errcode(ERRCODE_PROTOCOL_VIOLATION),
 						 errmsg("KMS answer is too large"),
@@ -136,11 +147,12 @@ report_transfer_error(CURLcode rc, const char *errbuf, const HttpRequest *req)
 					 errmsg("could not complete the KMS request"),
 					 errdetail("curl: %s.", detail)));
 	}
+	pg_unreachable();
 }
 
-/* Perform a request, waiting interruptibly; transport failures raise errors. */
-void
-http_perform(const HttpRequest *req, HttpResponse *resp)
+/* Perform a request, waiting interruptibly; false on a transport failure. */
+bool
+http_try(const HttpRequest *req, HttpResponse *resp, HttpError *err)
 {
 	struct curl_slist *volatile headers = NULL;
 	static char errbuf[CURL_ERROR_SIZE];
@@ -235,12 +247,15 @@ http_perform(const HttpRequest *req, HttpResponse *resp)
 	}
 	PG_END_TRY();
 
-	if (curl_easy_getinfo(easy_handle, CURLINFO_NUM_CONNECTS, &nconn) == CURLE_OK)
-		connections_opened += nconn;
+	if (curl_easy_getinfo(easy_handle, CURLINFO_NUM_CONNECTS, &nconn) == CURLE_OK && nconn > 0)
+		env_count(CNT_KMS_CONNECTIONS, nconn);
 	if (result != CURLE_OK)
 	{
 		http_wipe();
-		report_transfer_error(result, errbuf, req);
+		err->code = (int) result;
+		err->overflow = response_overflow;
+		strlcpy(err->detail, errbuf[0] ? errbuf : curl_easy_strerror(result), sizeof(err->detail));
+		return false;
 	}
 
 	resp->status = 0;
@@ -248,4 +263,5 @@ http_perform(const HttpRequest *req, HttpResponse *resp)
 	response_buf[response_len] = '\0';
 	resp->body = response_buf;
 	resp->body_len = (int) response_len;
+	return true;
 }

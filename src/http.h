@@ -29,17 +29,30 @@ typedef struct HttpResponse
 	int			body_len;
 } HttpResponse;
 
+/* A transport failure: curl's code and text. */
+typedef struct HttpError
+{
+	int			code;			/* CURLcode */
+	bool		overflow;		/* the answer exceeded the size limit */
+	char		detail[256];
+} HttpError;
+
 /*
- * Perform a request, waiting interruptibly.  Transport failures (connect,
- * TLS, timeout, oversized answer) raise an error; any HTTP status returns.
- * The response body stays valid until the next request or http_wipe().
+ * Perform a request, waiting interruptibly (query cancel and
+ * statement_timeout raise as usual).  Returns false on a transport failure
+ * (connect, TLS, timeout, oversized answer), described in *err; otherwise
+ * true with any HTTP status in *resp.  The response body stays valid until
+ * the next request or http_wipe().
  */
-extern void http_perform(const HttpRequest *req, HttpResponse *resp);
+extern bool http_try(const HttpRequest *req, HttpResponse *resp, HttpError *err);
+
+/* True if a transport failure is worth retrying (connect-level errors). */
+extern bool http_error_retryable(const HttpError *err);
+
+/* Raise the error that matches a transport failure. */
+extern void http_raise(const HttpError *err, const HttpRequest *req) pg_attribute_noreturn();
 
 /* Zero the response buffer (it may hold key material). */
 extern void http_wipe(void);
-
-/* Count of TCP connections opened by this backend (keep-alive check). */
-extern long http_connections_opened(void);
 
 #endif							/* ENVELOPE_HTTP_H */

@@ -16,12 +16,14 @@
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
 #include "catalog/namespace.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -29,6 +31,7 @@
 #include "envelope.h"
 #include "kek.h"
 #include "keycache.h"
+#include "shmem.h"
 
 PG_FUNCTION_INFO_V1(envelope_create_kek);
 PG_FUNCTION_INFO_V1(envelope_rotate_kek);
@@ -193,6 +196,7 @@ envelope_create_kek(PG_FUNCTION_ARGS)
 	Datum		values[5];
 	Oid			types[5] = {TEXTOID, TEXTOID, TEXTOID, INT4OID, INT4OID};
 
+	env_require_shared();
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
@@ -242,6 +246,7 @@ envelope_rotate_kek(PG_FUNCTION_ARGS)
 	Datum		values[3];
 	Oid			types[3] = {TEXTOID, INT4OID, INT4OID};
 
+	env_require_shared();
 	kek_lookup(name, &kek, false);
 	kms_rotate(kek.provider, kek.key_ref);
 	kms_key_info(kek.provider, kek.key_ref, &info);
@@ -262,12 +267,17 @@ envelope_rotate_kek(PG_FUNCTION_ARGS)
 		elog(ERROR, "could not update envelope.kek");
 	SPI_finish();
 
-	/* This backend's current data key for the KEK is now stale. */
+	/* The KEK's current data key is now stale, in every backend. */
 	keycache_retire_current(name);
 	PG_RETURN_INT32(info.latest_version);
 }
 
-/* Statement trigger on envelope.kek: tell every backend to reload the registry. */
+/*
+ * Trigger on envelope.kek: tell every backend to reload the registry.  For
+ * a row deleted or whose identity or minimum version changed, wipe what the
+ * key cache holds for that KEK; for a new latest version (rotation), retire
+ * only its current encryption key, since older versions still decrypt.
+ */
 Datum
 envelope_kek_changed(PG_FUNCTION_ARGS)
 {
@@ -279,5 +289,38 @@ envelope_kek_changed(PG_FUNCTION_ARGS)
 				 errmsg("envelope.kek_changed() must be called as a trigger")));
 	CacheInvalidateRelcacheByRelid(RelationGetRelid(trigdata->tg_relation));
 	registry_valid = false;
+
+	if (TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
+	{
+		TupleDesc	desc = RelationGetDescr(trigdata->tg_relation);
+		bool		isnull;
+		char	   *name;
+		bool		identity_changed = true;
+
+		name = TextDatumGetCString(heap_getattr(trigdata->tg_trigtuple, 1, desc, &isnull));
+		if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+		{
+			/* name, provider, key_ref, latest_version, min_decryption_version */
+			identity_changed = false;
+			for (int att = 1; att <= 5; att++)
+			{
+				bool		n1,
+							n2;
+				Datum		d1 = heap_getattr(trigdata->tg_trigtuple, att, desc, &n1);
+				Datum		d2 = heap_getattr(trigdata->tg_newtuple, att, desc, &n2);
+				Form_pg_attribute a = TupleDescAttr(desc, att - 1);
+
+				if (att == 4)
+					continue;	/* a new latest version only retires the current key */
+				if (n1 != n2 || (!n1 && !datumIsEqual(d1, d2, a->attbyval, a->attlen)))
+					identity_changed = true;
+			}
+		}
+		env_require_shared();
+		if (identity_changed)
+			keycache_flush(name);
+		else
+			keycache_retire_current(name);
+	}
 	return PointerGetDatum(NULL);
 }

@@ -1,40 +1,55 @@
 /*-------------------------------------------------------------------------
  *
  * keycache.c
- *		Unwrapped data keys held for a short time (per backend, for now).
+ *		The shared key cache.
  *
- * Three tables, all private to the backend until the shared-memory cache
- * replaces them:
+ * Two tables live in the key region of shared memory (shmem.c), which is
+ * excluded from core dumps and locked in RAM where the platform allows:
  *
  *	- the decrypt cache: SHA-256(provider, key_ref, KEK version, wrapped DEK)
- *	  -> DEK, for envelope.cache_ttl seconds, at most envelope.cache_size
- *	  entries, least recently used evicted first;
- *	- the current data key of each KEK for encryption, used for at most
- *	  envelope.dek_max_uses values and envelope.dek_max_age seconds, and
- *	  never after the KEK has a newer version;
- *	- a memo of rewrap results (old wrapped DEK -> new wrapped DEK), so
- *	  rewrapping rows that share a data key costs one KMS call per key.
+ *	  -> DEK.  It is split into partitions of up to 64 entries, each with its
+ *	  own LWLock; the first bytes of the digest choose the partition.  A hit
+ *	  takes only its partition's lock in shared mode and bumps the entry's
+ *	  LRU stamp atomically.  Inserting takes the partition's lock exclusively
+ *	  and, when the partition is full, evicts its least recently used entry.
+ *	  envelope.cache_size bounds the total.  Entries expire after
+ *	  envelope.cache_ttl seconds; an expired entry is kept for
+ *	  envelope.kms_outage_grace more seconds (default 0), usable only while
+ *	  the KMS is unreachable, and then wiped by the sweeper.
+ *	- the current data key of each KEK for encryption (MAX_CURRENT_DEKS
+ *	  slots), under lock 0.  Each use is counted with an atomic increment
+ *	  under the shared lock, so envelope.dek_max_uses and dek_max_age hold
+ *	  across all backends.  A new key is generated through the KMS with no
+ *	  lock held, then installed under the exclusive lock.
  *
- * Key bytes live in one anonymous mapping that is locked in RAM where the
- * platform allows (mlock) and excluded from core dumps (MADV_DONTDUMP).
- * Entries are wiped with OPENSSL_cleanse on expiry, eviction and flush.
- * Wrapped keys are not secret and live in TopMemoryContext.
+ * Keys are copied out under the lock and the lock released before anything
+ * that can raise an error.  Entries are wiped (OPENSSL_cleanse) on expiry,
+ * eviction, flush and postmaster exit.
+ *
+ * The rewrap memo (old wrapped DEK -> new wrapped DEK) holds no secrets and
+ * stays in backend memory.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
-#include <sys/mman.h>
-
+#include "miscadmin.h"
+#include "port/atomics.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
+#include "utils/elog.h"
+#include "access/xact.h"
 
 #include "crypto.h"
 #include "envelope.h"
+#include "format.h"
 #include "keycache.h"
+#include "shmem.h"
 
 #define DIGEST_LEN			32
-#define MAX_CURRENT_DEKS	32
+#define MAX_CURRENT_DEKS	64
+#define MAX_PARTITIONS		256
+#define PARTITION_TARGET	64		/* entries per partition, ideally */
 #define MAX_REWRAP_MEMO		256
 
 /* A cached unwrapped data key. */
@@ -44,7 +59,7 @@ typedef struct DekEntry
 	uint8		digest[DIGEST_LEN];
 	char		kek_name[NAMEDATALEN];
 	TimestampTz expires_at;
-	uint64		last_used;
+	pg_atomic_uint64 last_used;
 	uint8		dek[ENV_KEY_LEN];
 } DekEntry;
 
@@ -55,64 +70,92 @@ typedef struct CurrentDek
 	char		kek_name[NAMEDATALEN];
 	uint8		identity[DIGEST_LEN];	/* provider and key_ref */
 	int32		version;
-	int64		uses;
+	pg_atomic_uint64 uses;
 	TimestampTz created_at;
-	uint8	   *wrapped;		/* TopMemoryContext */
 	int			wrapped_len;
+	uint8		wrapped[ENV_MAX_WRAPPED_LEN];
 	uint8		dek[ENV_KEY_LEN];
 } CurrentDek;
 
-/* A remembered rewrap result. */
+/* The key region's layout. */
+typedef struct KeyCacheShared
+{
+	int			nparts;
+	int			part_slots;
+	pg_atomic_uint64 clock;		/* LRU stamps */
+	CurrentDek	currents[MAX_CURRENT_DEKS];
+	DekEntry	entries[FLEXIBLE_ARRAY_MEMBER];
+} KeyCacheShared;
+
+/* Outcome of a cache lookup. */
+typedef enum LookupResult
+{
+	LOOKUP_MISS,
+	LOOKUP_HIT,
+	LOOKUP_STALE				/* expired, but within the outage grace */
+} LookupResult;
+
+/* A remembered rewrap result (backend-local). */
 typedef struct RewrapMemo
 {
 	bool		used;
 	uint8		from_digest[DIGEST_LEN];
 	char		target_name[NAMEDATALEN];
-	int32		target_latest;	/* target's registry version when stored */
+	int32		target_latest;
 	int32		version;
 	uint8	   *wrapped;		/* TopMemoryContext */
 	int			wrapped_len;
 } RewrapMemo;
 
-/* The locked mapping: decrypt entries followed by current keys. */
-static DekEntry *entries = NULL;
-static CurrentDek *currents = NULL;
-static int	capacity = 0;
-static bool memory_locked = false;
-static uint64 use_clock = 0;
-static int	last_hit = -1;
-
 static RewrapMemo memo[MAX_REWRAP_MEMO];
 static int	memo_next = 0;
+static TimestampTz stale_logged_for = 0;	/* statement start we logged for */
 
-static int64 n_hits = 0;
-static int64 n_misses = 0;
-static int64 n_expirations = 0;
-static int64 n_evictions = 0;
-
-/* Map, lock and exclude from core dumps the memory that holds keys. */
-static void
-keycache_init(void)
+/* Partitions for envelope.cache_size: a power of two, ~64 entries each. */
+int
+keycache_partitions(void)
 {
-	Size		size;
-	void	   *p;
+	int			n = 1;
 
-	if (entries != NULL)
-		return;
-	capacity = envelope_cache_size;
-	size = sizeof(DekEntry) * capacity + sizeof(CurrentDek) * MAX_CURRENT_DEKS;
-	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (p == MAP_FAILED)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("could not allocate memory for the key cache: %m")));
-#ifdef MADV_DONTDUMP
-	(void) madvise(p, size, MADV_DONTDUMP);
-#endif
-	memory_locked = (mlock(p, size) == 0);
-	memset(p, 0, size);
-	entries = (DekEntry *) p;
-	currents = (CurrentDek *) ((char *) p + sizeof(DekEntry) * capacity);
+	while (n * 2 <= MAX_PARTITIONS && (n * 2) * PARTITION_TARGET <= envelope_cache_size)
+		n *= 2;
+	return n;
+}
+
+/* Bytes of the key region. */
+Size
+keycache_shmem_size(void)
+{
+	int			nparts = keycache_partitions();
+	int			slots = envelope_cache_size / nparts;
+
+	return add_size(offsetof(KeyCacheShared, entries),
+					mul_size(mul_size(nparts, slots), sizeof(DekEntry)));
+}
+
+/* Initialise the key region (postmaster, once). */
+void
+keycache_shmem_init(void *region)
+{
+	KeyCacheShared *kc = (KeyCacheShared *) region;
+	int			n;
+
+	kc->nparts = keycache_partitions();
+	kc->part_slots = envelope_cache_size / kc->nparts;
+	n = kc->nparts * kc->part_slots;
+	pg_atomic_init_u64(&kc->clock, 1);
+	for (int i = 0; i < MAX_CURRENT_DEKS; i++)
+		pg_atomic_init_u64(&kc->currents[i].uses, 0);
+	for (int i = 0; i < n; i++)
+		pg_atomic_init_u64(&kc->entries[i].last_used, 0);
+}
+
+/* The key region, or an error if envelope is not preloaded. */
+static KeyCacheShared *
+cache(void)
+{
+	env_require_shared();
+	return (KeyCacheShared *) env_key_region();
 }
 
 /* SHA-256 over the identity of a wrapped key: provider, key_ref, version, bytes. */
@@ -142,106 +185,219 @@ wrapped_digest(const KekInfo *kek, const KmsWrapped *w, uint8 *digest)
 	env_sha256(parts, lens, 4, digest);
 }
 
-/* Wipe one decrypt entry. */
+/* The partition a digest belongs to. */
+static int
+partition_of(KeyCacheShared *kc, const uint8 *digest)
+{
+	uint32		h = ((uint32) digest[0] << 24) | ((uint32) digest[1] << 16) |
+		((uint32) digest[2] << 8) | digest[3];
+
+	return (int) (h % (uint32) kc->nparts);
+}
+
+/* Grace period in microseconds. */
+static TimestampTz
+grace_usecs(void)
+{
+	return (TimestampTz) envelope_kms_outage_grace * USECS_PER_SEC;
+}
+
+/* Wipe one decrypt entry (caller holds its partition lock exclusively). */
 static void
 entry_clear(DekEntry *e)
 {
-	env_wipe(e, sizeof(*e));
+	e->used = false;
+	env_wipe(e->digest, sizeof(e->digest));
+	env_wipe(e->kek_name, sizeof(e->kek_name));
+	env_wipe(e->dek, sizeof(e->dek));
+	e->expires_at = 0;
+	pg_atomic_write_u64(&e->last_used, 0);
 }
 
-/* Find a live entry for a digest, expiring it if its time is up. */
-static DekEntry *
-entry_find(const uint8 *digest, TimestampTz now)
+/* Look up a digest under the partition's shared lock. */
+static LookupResult
+cache_lookup(KeyCacheShared *kc, const uint8 *digest, uint8 *dek, TimestampTz *expired_at)
 {
-	int			start = (last_hit >= 0) ? last_hit : 0;
+	int			part = partition_of(kc, digest);
+	DekEntry   *e = &kc->entries[part * kc->part_slots];
+	TimestampTz now = GetCurrentTimestamp();
+	LookupResult result = LOOKUP_MISS;
 
-	for (int k = 0; k < capacity; k++)
+	LWLockAcquire(env_lock(1 + part), LW_SHARED);
+	for (int i = 0; i < kc->part_slots; i++, e++)
 	{
-		int			i = (start + k) % capacity;
-		DekEntry   *e = &entries[i];
-
 		if (!e->used || memcmp(e->digest, digest, DIGEST_LEN) != 0)
 			continue;
-		if (e->expires_at <= now)
+		if (e->expires_at > now)
 		{
-			entry_clear(e);
-			n_expirations++;
-			return NULL;
+			memcpy(dek, e->dek, ENV_KEY_LEN);
+			pg_atomic_write_u64(&e->last_used, pg_atomic_fetch_add_u64(&kc->clock, 1));
+			result = LOOKUP_HIT;
 		}
-		last_hit = i;
-		e->last_used = ++use_clock;
-		return e;
+		else if (now - e->expires_at < grace_usecs())
+		{
+			memcpy(dek, e->dek, ENV_KEY_LEN);
+			*expired_at = e->expires_at;
+			result = LOOKUP_STALE;
+		}
+		break;
 	}
-	return NULL;
+	LWLockRelease(env_lock(1 + part));
+	return result;
 }
 
-/* Put an unwrapped data key into the cache. */
+/* Put an unwrapped, verified data key into the cache. */
 void
 keycache_put(const KekInfo *kek, const KmsWrapped *wrapped, const uint8 *dek)
 {
+	KeyCacheShared *kc = cache();
 	uint8		digest[DIGEST_LEN];
 	TimestampTz now;
+	int			part;
+	DekEntry   *first;
 	DekEntry   *slot = NULL;
-	DekEntry   *oldest = NULL;
+	DekEntry   *victim = NULL;
+	int64		expired = 0;
+	int64		evicted = 0;
 
 	if (envelope_cache_ttl <= 0)
 		return;
-	keycache_init();
-	now = GetCurrentTimestamp();
 	wrapped_digest(kek, wrapped, digest);
-	if ((slot = entry_find(digest, now)) == NULL)
-	{
-		for (int i = 0; i < capacity && slot == NULL; i++)
-		{
-			DekEntry   *e = &entries[i];
+	part = partition_of(kc, digest);
+	first = &kc->entries[part * kc->part_slots];
+	now = GetCurrentTimestamp();
 
-			if (e->used && e->expires_at <= now)
-			{
-				entry_clear(e);
-				n_expirations++;
-			}
-			if (!e->used)
-				slot = e;
-			else if (oldest == NULL || e->last_used < oldest->last_used)
-				oldest = e;
-		}
-		if (slot == NULL)
+	LWLockAcquire(env_lock(1 + part), LW_EXCLUSIVE);
+	for (int i = 0; i < kc->part_slots; i++)
+	{
+		DekEntry   *e = &first[i];
+
+		if (e->used && memcmp(e->digest, digest, DIGEST_LEN) == 0)
 		{
-			entry_clear(oldest);
-			n_evictions++;
-			slot = oldest;
+			slot = e;
+			break;
 		}
+		if (e->used && now - e->expires_at >= grace_usecs() && e->expires_at <= now)
+		{
+			entry_clear(e);
+			expired++;
+		}
+		if (!e->used)
+		{
+			if (slot == NULL)
+				slot = e;
+		}
+		else if (victim == NULL ||
+				 pg_atomic_read_u64(&e->last_used) < pg_atomic_read_u64(&victim->last_used))
+			victim = e;
+	}
+	if (slot == NULL)
+	{
+		slot = victim;
+		entry_clear(slot);
+		evicted++;
 	}
 	slot->used = true;
 	memcpy(slot->digest, digest, DIGEST_LEN);
 	strlcpy(slot->kek_name, kek->name, NAMEDATALEN);
 	slot->expires_at = now + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
-	slot->last_used = ++use_clock;
+	pg_atomic_write_u64(&slot->last_used, pg_atomic_fetch_add_u64(&kc->clock, 1));
 	memcpy(slot->dek, dek, ENV_KEY_LEN);
+	LWLockRelease(env_lock(1 + part));
+
+	env_count(CNT_EXPIRATIONS, expired);
+	env_count(CNT_EVICTIONS, evicted);
+}
+
+/* True for the errors that mean "the KMS cannot be reached right now". */
+static bool
+is_outage(int sqlerrcode)
+{
+	return sqlerrcode == ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION ||
+		sqlerrcode == ERRCODE_CONNECTION_FAILURE;
+}
+
+/*
+ * Unwrap through the KMS, but during an outage fall back on the stale key.
+ * Catching the error without a subtransaction is safe here: the KMS path
+ * holds no locks, buffers or other resources when it raises (http.c
+ * detaches its transfer in PG_FINALLY), and anything but an outage
+ * (including query cancel) is re-thrown unchanged.
+ */
+static bool
+unwrap_or_stale(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek,
+				const uint8 *stale, TimestampTz expired_at)
+{
+	MemoryContext ctx = CurrentMemoryContext;
+	volatile bool used_stale = false;
+
+	PG_TRY();
+	{
+		kms_unwrap(kek->provider, kek->key_ref, wrapped, dek);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(ctx);
+		edata = CopyErrorData();
+		if (!is_outage(edata->sqlerrcode))
+			PG_RE_THROW();
+		FlushErrorState();
+		memcpy(dek, stale, ENV_KEY_LEN);
+		used_stale = true;
+		env_count(CNT_STALE_USES, 1);
+		if (stale_logged_for != GetCurrentStatementStartTimestamp())
+		{
+			stale_logged_for = GetCurrentStatementStartTimestamp();
+			ereport(LOG,
+					(errmsg("using a data key of KEK \"%s\" that expired %ld s ago because the KMS is unavailable",
+							kek->name, (long) ((GetCurrentTimestamp() - expired_at) / USECS_PER_SEC)),
+					 errdetail("envelope.kms_outage_grace allows expired keys for %d s during a KMS outage; the KMS error was: %s",
+							   envelope_kms_outage_grace, edata->message)));
+		}
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	return !used_stale;
 }
 
 /* The plaintext of a wrapped data key; true if it came from the KMS (not cached). */
 bool
 keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek)
 {
-	if (envelope_cache_ttl > 0)
-	{
-		uint8		digest[DIGEST_LEN];
-		DekEntry   *e;
+	KeyCacheShared *kc = cache();
+	uint8		digest[DIGEST_LEN];
+	uint8		stale[ENV_KEY_LEN];
+	TimestampTz expired_at = 0;
+	LookupResult r;
+	volatile bool from_kms;
 
-		keycache_init();
-		wrapped_digest(kek, wrapped, digest);
-		e = entry_find(digest, GetCurrentTimestamp());
-		if (e != NULL)
-		{
-			n_hits++;
-			memcpy(dek, e->dek, ENV_KEY_LEN);
-			return false;
-		}
+	wrapped_digest(kek, wrapped, digest);
+	r = cache_lookup(kc, digest, stale, &expired_at);
+	if (r == LOOKUP_HIT)
+	{
+		memcpy(dek, stale, ENV_KEY_LEN);
+		env_wipe(stale, sizeof(stale));
+		env_count(CNT_HITS, 1);
+		return false;
 	}
-	n_misses++;
-	kms_unwrap(kek->provider, kek->key_ref, wrapped, dek);
-	return true;
+	env_count(CNT_MISSES, 1);
+	if (r == LOOKUP_MISS)
+	{
+		kms_unwrap(kek->provider, kek->key_ref, wrapped, dek);
+		return true;
+	}
+	PG_TRY();
+	{
+		from_kms = unwrap_or_stale(kek, wrapped, dek, stale, expired_at);
+	}
+	PG_FINALLY();
+	{
+		env_wipe(stale, sizeof(stale));
+	}
+	PG_END_TRY();
+	return from_kms;
 }
 
 /* Generate a data key and, if envelope.kms_verify, check it unwraps to itself. */
@@ -260,6 +416,15 @@ generate_checked(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped)
 				 errmsg("KMS wrapped a new data key with an old version of key \"%s\"", kek->key_ref),
 				 errdetail("The KMS used version %d; KEK \"%s\" is at version %d.",
 						   wrapped->version, kek->name, kek->latest_version)));
+	}
+	if (wrapped->len > ENV_MAX_WRAPPED_LEN)
+	{
+		env_wipe(dek, ENV_KEY_LEN);
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("KMS returned a wrapped data key of %d bytes for key \"%s\"",
+						wrapped->len, kek->key_ref),
+				 errdetail("envelope stores wrapped keys of at most %d bytes.", ENV_MAX_WRAPPED_LEN)));
 	}
 	if (!envelope_kms_verify)
 		return;
@@ -286,91 +451,125 @@ generate_checked(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped)
 	}
 }
 
+/* The slot of a KEK's current data key, or NULL (caller holds lock 0). */
+static CurrentDek *
+current_slot(KeyCacheShared *kc, const char *kek_name)
+{
+	for (int i = 0; i < MAX_CURRENT_DEKS; i++)
+		if (kc->currents[i].used && strcmp(kc->currents[i].kek_name, kek_name) == 0)
+			return &kc->currents[i];
+	return NULL;
+}
+
+/*
+ * Try to take one use of the KEK's current data key (caller holds lock 0 in
+ * any mode); true if it is fresh enough and had a use left.
+ */
+static bool
+take_use(CurrentDek *c, const KekInfo *kek, const uint8 *identity, TimestampTz now,
+		 uint8 *dek, KmsWrapped *wrapped)
+{
+	if (c == NULL || memcmp(c->identity, identity, DIGEST_LEN) != 0 ||
+		c->version < kek->latest_version ||
+		now - c->created_at >= (TimestampTz) envelope_dek_max_age * USECS_PER_SEC)
+		return false;
+	if (pg_atomic_fetch_add_u64(&c->uses, 1) >= (uint64) envelope_dek_max_uses)
+		return false;
+	memcpy(dek, c->dek, ENV_KEY_LEN);
+	wrapped->version = c->version;
+	wrapped->len = c->wrapped_len;
+	memcpy(wrapped->data, c->wrapped, c->wrapped_len);
+	return true;
+}
+
 /* The data key to encrypt the next value under kek; one use is consumed. */
 void
 keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped)
 {
+	KeyCacheShared *kc = cache();
 	uint8		identity[DIGEST_LEN];
-	TimestampTz now = GetCurrentTimestamp();
-	CurrentDek *slot = NULL;
-	CurrentDek *oldest = NULL;
+	uint8		fresh[ENV_KEY_LEN];
+	KmsWrapped	fresh_wrapped;
+	bool		ok;
+	CurrentDek *c;
 
-	keycache_init();
 	wrapped_digest(kek, NULL, identity);
-	for (int i = 0; i < MAX_CURRENT_DEKS; i++)
-	{
-		CurrentDek *c = &currents[i];
+	wrapped->data = palloc(ENV_MAX_WRAPPED_LEN);
 
-		if (c->used && strcmp(c->kek_name, kek->name) == 0)
-		{
-			slot = c;
-			break;
-		}
-	}
-
-	if (slot != NULL &&
-		memcmp(slot->identity, identity, DIGEST_LEN) == 0 &&
-		slot->version >= kek->latest_version &&
-		slot->uses < envelope_dek_max_uses &&
-		now - slot->created_at < (TimestampTz) envelope_dek_max_age * USECS_PER_SEC)
-	{
-		slot->uses++;
-		memcpy(dek, slot->dek, ENV_KEY_LEN);
-		wrapped->version = slot->version;
-		wrapped->len = slot->wrapped_len;
-		wrapped->data = palloc(slot->wrapped_len);
-		memcpy(wrapped->data, slot->wrapped, slot->wrapped_len);
+	LWLockAcquire(env_lock(0), LW_SHARED);
+	ok = take_use(current_slot(kc, kek->name), kek, identity, GetCurrentTimestamp(), dek, wrapped);
+	LWLockRelease(env_lock(0));
+	if (ok)
 		return;
-	}
 
-	/* A new data key, then remember it for the next values and for reads. */
-	generate_checked(kek, dek, wrapped);
-	keycache_put(kek, wrapped, dek);
+	/* A new data key, made with no lock held. */
+	generate_checked(kek, fresh, &fresh_wrapped);
 
-	if (slot == NULL)
+	LWLockAcquire(env_lock(0), LW_EXCLUSIVE);
+	c = current_slot(kc, kek->name);
+	/* Another backend may have installed a fresh key meanwhile: prefer it. */
+	ok = take_use(c, kek, identity, GetCurrentTimestamp(), dek, wrapped);
+	if (!ok)
 	{
-		for (int i = 0; i < MAX_CURRENT_DEKS && slot == NULL; i++)
+		if (c == NULL)
 		{
-			if (!currents[i].used)
-				slot = &currents[i];
-			else if (oldest == NULL || currents[i].created_at < oldest->created_at)
-				oldest = &currents[i];
+			CurrentDek *oldest = NULL;
+
+			for (int i = 0; i < MAX_CURRENT_DEKS && c == NULL; i++)
+			{
+				if (!kc->currents[i].used)
+					c = &kc->currents[i];
+				else if (oldest == NULL || kc->currents[i].created_at < oldest->created_at)
+					oldest = &kc->currents[i];
+			}
+			if (c == NULL)
+				c = oldest;
 		}
-		if (slot == NULL)
-			slot = oldest;
+		env_wipe(c->dek, sizeof(c->dek));
+		c->used = true;
+		strlcpy(c->kek_name, kek->name, NAMEDATALEN);
+		memcpy(c->identity, identity, DIGEST_LEN);
+		c->version = fresh_wrapped.version;
+		pg_atomic_write_u64(&c->uses, 1);
+		c->created_at = GetCurrentTimestamp();
+		c->wrapped_len = fresh_wrapped.len;
+		memcpy(c->wrapped, fresh_wrapped.data, fresh_wrapped.len);
+		memcpy(c->dek, fresh, ENV_KEY_LEN);
+		memcpy(dek, fresh, ENV_KEY_LEN);
+		wrapped->version = fresh_wrapped.version;
+		wrapped->len = fresh_wrapped.len;
+		memcpy(wrapped->data, fresh_wrapped.data, fresh_wrapped.len);
 	}
-	if (slot->wrapped)
-		pfree(slot->wrapped);
-	env_wipe(slot, sizeof(*slot));
-	slot->used = true;
-	strlcpy(slot->kek_name, kek->name, NAMEDATALEN);
-	memcpy(slot->identity, identity, DIGEST_LEN);
-	slot->version = wrapped->version;
-	slot->uses = 1;
-	slot->created_at = now;
-	slot->wrapped = MemoryContextAlloc(TopMemoryContext, wrapped->len);
-	memcpy(slot->wrapped, wrapped->data, wrapped->len);
-	slot->wrapped_len = wrapped->len;
-	memcpy(slot->dek, dek, ENV_KEY_LEN);
+	LWLockRelease(env_lock(0));
+
+	/* Readers of what we write find the key in the cache. */
+	if (!ok)
+		keycache_put(kek, &fresh_wrapped, fresh);
+	env_wipe(fresh, sizeof(fresh));
 }
 
-/* Forget the current encryption data key of a KEK (after rotation). */
+/* Forget the current encryption data key of a KEK (NULL: all), server-wide. */
 void
 keycache_retire_current(const char *kek_name)
 {
-	if (currents == NULL)
-		return;
+	KeyCacheShared *kc = cache();
+
+	LWLockAcquire(env_lock(0), LW_EXCLUSIVE);
 	for (int i = 0; i < MAX_CURRENT_DEKS; i++)
 	{
-		CurrentDek *c = &currents[i];
+		CurrentDek *c = &kc->currents[i];
 
 		if (c->used && (kek_name == NULL || strcmp(c->kek_name, kek_name) == 0))
 		{
-			if (c->wrapped)
-				pfree(c->wrapped);
-			env_wipe(c, sizeof(*c));
+			c->used = false;
+			env_wipe(c->dek, sizeof(c->dek));
+			env_wipe(c->kek_name, sizeof(c->kek_name));
+			c->created_at = 0;
+			c->wrapped_len = 0;
+			pg_atomic_write_u64(&c->uses, 0);
 		}
 	}
+	LWLockRelease(env_lock(0));
 }
 
 /* Look up a remembered rewrap of wrapped to target's current version. */
@@ -424,18 +623,23 @@ keycache_rewrap_store(const KekInfo *from, const KmsWrapped *wrapped,
 int
 keycache_flush(const char *kek_name)
 {
+	KeyCacheShared *kc = cache();
 	int			n = 0;
 
-	if (entries == NULL)
-		return 0;
-	for (int i = 0; i < capacity; i++)
+	for (int part = 0; part < kc->nparts; part++)
 	{
-		if (entries[i].used &&
-			(kek_name == NULL || strcmp(entries[i].kek_name, kek_name) == 0))
+		DekEntry   *e = &kc->entries[part * kc->part_slots];
+
+		LWLockAcquire(env_lock(1 + part), LW_EXCLUSIVE);
+		for (int i = 0; i < kc->part_slots; i++, e++)
 		{
-			entry_clear(&entries[i]);
-			n++;
+			if (e->used && (kek_name == NULL || strcmp(e->kek_name, kek_name) == 0))
+			{
+				entry_clear(e);
+				n++;
+			}
 		}
+		LWLockRelease(env_lock(1 + part));
 	}
 	keycache_retire_current(kek_name);
 	for (int i = 0; i < MAX_REWRAP_MEMO; i++)
@@ -446,26 +650,65 @@ keycache_flush(const char *kek_name)
 			memset(&memo[i], 0, sizeof(memo[i]));
 		}
 	}
-	last_hit = -1;
 	return n;
 }
 
-/* Counters and occupancy of the cache. */
+/* Wipe entries past their time, grace included (the sweeper). */
+void
+keycache_sweep(void)
+{
+	KeyCacheShared *kc = (KeyCacheShared *) env_key_region();
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz grace = grace_usecs();
+	int64		expired = 0;
+
+	for (int part = 0; part < kc->nparts; part++)
+	{
+		DekEntry   *first = &kc->entries[part * kc->part_slots];
+		bool		any = false;
+
+		/* Look under the shared lock first, so readers rarely wait. */
+		LWLockAcquire(env_lock(1 + part), LW_SHARED);
+		for (int i = 0; i < kc->part_slots && !any; i++)
+			any = first[i].used && now - first[i].expires_at >= grace &&
+				first[i].expires_at <= now;
+		LWLockRelease(env_lock(1 + part));
+		if (!any)
+			continue;
+
+		LWLockAcquire(env_lock(1 + part), LW_EXCLUSIVE);
+		for (int i = 0; i < kc->part_slots; i++)
+		{
+			DekEntry   *e = &first[i];
+
+			if (e->used && now - e->expires_at >= grace && e->expires_at <= now)
+			{
+				entry_clear(e);
+				expired++;
+			}
+		}
+		LWLockRelease(env_lock(1 + part));
+	}
+	env_count(CNT_EXPIRATIONS, expired);
+}
+
+/* Occupancy of the cache. */
 void
 keycache_stats(KeyCacheStats *stats)
 {
+	KeyCacheShared *kc = cache();
+
 	memset(stats, 0, sizeof(*stats));
-	stats->capacity = envelope_cache_size;
-	if (entries != NULL)
+	stats->capacity = kc->nparts * kc->part_slots;
+	for (int part = 0; part < kc->nparts; part++)
 	{
-		stats->capacity = capacity;
-		for (int i = 0; i < capacity; i++)
-			if (entries[i].used)
+		DekEntry   *e = &kc->entries[part * kc->part_slots];
+
+		LWLockAcquire(env_lock(1 + part), LW_SHARED);
+		for (int i = 0; i < kc->part_slots; i++, e++)
+			if (e->used)
 				stats->entries++;
+		LWLockRelease(env_lock(1 + part));
 	}
-	stats->hits = n_hits;
-	stats->misses = n_misses;
-	stats->expirations = n_expirations;
-	stats->evictions = n_evictions;
-	stats->locked = memory_locked;
+	stats->locked = env_key_region_locked();
 }

@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * keycache.h
- *		Unwrapped data keys held for a short time, and the current data key
- *		of each KEK for encryption.
+ *		The shared key cache: unwrapped data keys held for a short time,
+ *		and the current data key of each KEK for encryption.
  *
  *-------------------------------------------------------------------------
  */
@@ -16,18 +16,22 @@ typedef struct KeyCacheStats
 {
 	int			entries;
 	int			capacity;
-	int64		hits;
-	int64		misses;
-	int64		expirations;
-	int64		evictions;
 	bool		locked;			/* key memory is locked in RAM */
 } KeyCacheStats;
 
+/* Shared memory sizing and setup (shmem.c). */
+extern Size keycache_shmem_size(void);
+extern int	keycache_partitions(void);
+extern void keycache_shmem_init(void *region);
+
+/* Wipe entries past their time (the sweeper, about once a second). */
+extern void keycache_sweep(void);
+
 /*
- * The data key to encrypt the next value under kek (one use is consumed),
- * generating a new one through the KMS when the current one is exhausted,
- * too old, or under an older KEK version.  dek receives a copy the caller
- * wipes; wrapped->data is palloc'd.
+ * The data key to encrypt the next value under kek (one use is consumed,
+ * counted across all backends), generating a new one through the KMS when
+ * the current one is exhausted, too old, or under an older KEK version.
+ * dek receives a copy the caller wipes; wrapped->data is palloc'd.
  */
 extern void keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped);
 
@@ -35,23 +39,24 @@ extern void keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wra
  * The plaintext of a wrapped data key, from the cache or the KMS.  Returns
  * true if it came from the KMS: the caller then checks it against a value's
  * key commitment and only then calls keycache_put(), so a wrong key from a
- * faulty KMS is never cached.
+ * faulty KMS is never cached.  During a KMS outage, a key that expired less
+ * than envelope.kms_outage_grace seconds ago is used instead (and logged).
  */
 extern bool keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek);
 
+/* Put an unwrapped, verified data key into the cache. */
+extern void keycache_put(const KekInfo *kek, const KmsWrapped *wrapped, const uint8 *dek);
+
 /*
  * Look up / remember the result of rewrapping a data key to target's
- * current version; lookup returns false if unknown.
+ * current version (per backend); lookup returns false if unknown.
  */
 extern bool keycache_rewrap_lookup(const KekInfo *from, const KmsWrapped *wrapped,
 								   const KekInfo *target, KmsWrapped *out);
 extern void keycache_rewrap_store(const KekInfo *from, const KmsWrapped *wrapped,
 								  const KekInfo *target, const KmsWrapped *out);
 
-/* Put an unwrapped data key into the cache. */
-extern void keycache_put(const KekInfo *kek, const KmsWrapped *wrapped, const uint8 *dek);
-
-/* Forget the current encryption data key of a KEK (after rotation). */
+/* Forget the current encryption data key of a KEK (NULL: all), server-wide. */
 extern void keycache_retire_current(const char *kek_name);
 
 /* Wipe all entries, or those of one KEK; returns how many were removed. */

@@ -3,8 +3,8 @@
  * kms.c
  *		Provider lookup and the counted wrappers around provider operations.
  *
- * The counters are per backend until the shared-memory key cache lands;
- * envelope.cache_stats() reports them.
+ * The counters are server-wide (shmem.c); envelope.cache_stats() reports
+ * them.
  *
  *-------------------------------------------------------------------------
  */
@@ -13,6 +13,7 @@
 #include "utils/timestamp.h"
 
 #include "kms.h"
+#include "shmem.h"
 
 /* Every provider this build knows; add new ones here. */
 static const KmsProvider *const providers[] = {
@@ -23,9 +24,6 @@ const char *const kms_op_names[KMS_NUM_OPS] = {
 	"key_info", "generate", "wrap", "unwrap", "rewrap", "rotate"
 };
 
-static int64 op_calls[KMS_NUM_OPS];
-static int64 op_errors = 0;
-static TimestampTz last_error_at = 0;
 
 /* Find a provider by name; NULL (or an error) if there is none. */
 const KmsProvider *
@@ -48,15 +46,15 @@ kms_provider(const char *name, bool missing_ok)
  */
 #define COUNTED_CALL(op, call) \
 	do { \
-		op_calls[(op)]++; \
+		env_count(CNT_KMS_KEY_INFO + (op), 1); \
 		PG_TRY(); \
 		{ \
 			call; \
 		} \
 		PG_CATCH(); \
 		{ \
-			op_errors++; \
-			last_error_at = GetCurrentTimestamp(); \
+			env_count(CNT_KMS_ERRORS, 1); \
+			env_note_kms_error(); \
 			PG_RE_THROW(); \
 		} \
 		PG_END_TRY(); \
@@ -103,25 +101,4 @@ void
 kms_rotate(const KmsProvider *p, const char *key_ref)
 {
 	COUNTED_CALL(KMS_OP_ROTATE, p->rotate(key_ref));
-}
-
-/* Calls so far in this backend for one operation. */
-int64
-kms_calls(KmsOp op)
-{
-	return op_calls[op];
-}
-
-/* Failed calls so far in this backend. */
-int64
-kms_errors(void)
-{
-	return op_errors;
-}
-
-/* When the last call failed (0 if never). */
-TimestampTz
-kms_last_error_time(void)
-{
-	return last_error_at;
 }

@@ -91,11 +91,6 @@ extern void kms_rewrap(const KmsProvider *p, const char *key_ref,
 					   const KmsWrapped *in, KmsWrapped *out);
 extern void kms_rotate(const KmsProvider *p, const char *key_ref);
 
-/* Calls and errors so far in this backend, per operation. */
-extern int64 kms_calls(KmsOp op);
-extern int64 kms_errors(void);
-extern TimestampTz kms_last_error_time(void);
-
 /* The providers. */
 extern const KmsProvider kms_vault_provider;
 

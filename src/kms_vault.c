@@ -17,6 +17,10 @@
  * significant: a changed version or byte makes Vault's authenticated
  * decryption fail instead of being silently normalised.
  *
+ * Connect errors, HTTP 429 and 5xx are retried envelope.kms_retries times
+ * with exponential backoff and jitter; the waits are interruptible, so
+ * statement_timeout bounds the whole call.
+ *
  * The token is read from the file named by envelope.vault_token_file at each
  * call (so a rotated token is picked up without a reload), sent only in the
  * X-Vault-Token header, and wiped afterwards.  No message ever includes it.
@@ -29,8 +33,13 @@
 #include <unistd.h>
 
 #include "common/base64.h"
+#include "common/pg_prng.h"
 #include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/latch.h"
 #include "utils/builtins.h"
+#include "utils/timestamp.h"
 
 #include "crypto.h"
 #include "envelope.h"
@@ -38,6 +47,7 @@
 #include "http.h"
 #include "jsonx.h"
 #include "kms.h"
+#include "shmem.h"
 
 #define VAULT_PREFIX		"vault:v"
 #define VAULT_MAX_TOKEN		4096
@@ -190,6 +200,33 @@ vault_fail(const VaultAnswer *a, const char *key_ref, int32 version)
 			 answer_detail(a)));
 }
 
+/*
+ * Sleep before retry number attempt+1: exponential backoff from 100 ms,
+ * capped at 2 s, with jitter (a random time between half and all of it).
+ * The wait ends early on any interrupt, so statement_timeout and cancel
+ * bound the whole retry loop.
+ */
+static void
+backoff_sleep(int attempt)
+{
+	long		delay_ms = Min(2000L, 100L << Min(attempt, 5));
+	TimestampTz end;
+
+	delay_ms = delay_ms / 2 + (long) (pg_prng_double(&pg_global_prng_state) * (delay_ms / 2));
+	end = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), delay_ms);
+	for (;;)
+	{
+		long		remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), end);
+
+		CHECK_FOR_INTERRUPTS();
+		if (remaining <= 0)
+			break;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 remaining, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
+
 /* Raise "malformed answer" with a detail sentence. */
 static void
 vault_malformed(const char *key_ref, const char *detail) pg_attribute_noreturn();
@@ -214,6 +251,8 @@ vault_call(const char *method, const char *op, const char *key_ref, const char *
 {
 	HttpRequest req;
 	HttpResponse resp;
+	HttpError	herr;
+	volatile bool ok = false;
 	StringInfoData url;
 	char	   *token;
 	char	   *token_header;
@@ -258,7 +297,20 @@ vault_call(const char *method, const char *op, const char *key_ref, const char *
 
 	PG_TRY();
 	{
-		http_perform(&req, &resp);
+		for (int attempt = 0;; attempt++)
+		{
+			bool		retry;
+
+			ok = http_try(&req, &resp, &herr);
+			retry = ok ? (resp.status == 429 || resp.status >= 500) : http_error_retryable(&herr);
+			if (!retry || attempt >= envelope_kms_retries)
+				break;
+			env_count(CNT_KMS_RETRIES, 1);
+			http_wipe();
+			backoff_sleep(attempt);
+		}
+		if (!ok)
+			http_raise(&herr, &req);
 	}
 	PG_FINALLY();
 	{

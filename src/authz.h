@@ -1,0 +1,31 @@
+/*-------------------------------------------------------------------------
+ *
+ * authz.h
+ *		The one authorization step every key use passes through.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef ENVELOPE_AUTHZ_H
+#define ENVELOPE_AUTHZ_H
+
+#include "kek.h"
+
+typedef enum EnvPrivilege
+{
+	ENV_PRIV_ENCRYPT,
+	ENV_PRIV_DECRYPT,
+	ENV_PRIV_REWRAP
+} EnvPrivilege;
+
+/*
+ * Check that the current user may use kek for priv; raises 42501 if not.
+ * Called on every enc(), dec() and rewrap() call, before the key cache is
+ * consulted, so a cache hit never bypasses it.
+ */
+extern void env_authorize(const KekInfo *kek, EnvPrivilege priv);
+
+/* A hook other modules may set to add checks; it must raise to deny. */
+typedef void (*env_authorize_hook_type) (const KekInfo *kek, EnvPrivilege priv);
+extern PGDLLIMPORT env_authorize_hook_type env_authorize_hook;
+
+#endif							/* ENVELOPE_AUTHZ_H */
