@@ -86,9 +86,13 @@ CREATE SCHEMA envelope;
 GRANT USAGE ON SCHEMA envelope TO PUBLIC;
 
 CREATE TABLE envelope.kek (
-	name					pg_catalog.text PRIMARY KEY,
-	provider				pg_catalog.text NOT NULL,
-	key_ref					pg_catalog.text NOT NULL,
+	name					pg_catalog.text PRIMARY KEY
+		CHECK (name OPERATOR(pg_catalog.~) '^[A-Za-z0-9_.-]{1,63}$'),
+	provider				pg_catalog.text NOT NULL
+		CHECK (provider OPERATOR(pg_catalog.~) '^[a-z0-9_]{1,63}$'),
+	key_ref					pg_catalog.text NOT NULL
+		CHECK (pg_catalog.length(key_ref) OPERATOR(pg_catalog.<=) 1024
+			   AND key_ref OPERATOR(pg_catalog.~) '^[\x21-\x7e]+$'),
 	latest_version			pg_catalog.int4 NOT NULL CHECK (latest_version >= 1),
 	min_decryption_version	pg_catalog.int4 NOT NULL DEFAULT 1,
 	created_at				pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.now(),

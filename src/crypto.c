@@ -118,6 +118,21 @@ crypto_init(void)
 		crypto_error("set up AES-256-GCM");
 }
 
+/*
+ * Overwrite the key state left in the reused contexts with an all-zero key,
+ * so the last value key and PRK do not linger in ordinary heap memory.
+ */
+static void
+crypto_scrub(void)
+{
+	static const uint8 zero[32] = {0};
+	static const uint8 zero_iv[ENV_NONCE_LEN] = {0};
+
+	(void) EVP_MAC_init(hmac_ctx, zero, sizeof(zero), NULL);
+	(void) EVP_EncryptInit_ex2(gcm_ctx, gcm_cipher, zero, zero_iv, NULL);
+	ERR_clear_error();
+}
+
 /* out = HMAC-SHA256(key, a || b); returns false on failure. */
 static bool
 hmac_sha256(const uint8 *key, size_t keylen, const uint8 *a, size_t alen,
@@ -174,6 +189,7 @@ env_derive_value_key(const uint8 *dek, const uint8 *salt,
 
 	env_wipe(prk, sizeof(prk));
 	env_wipe(t1, sizeof(t1));
+	crypto_scrub();
 	if (!ok)
 	{
 		env_wipe(value_key, ENV_KEY_LEN);
@@ -225,6 +241,7 @@ env_seal(const uint8 *value_key, const uint8 *nonce,
 		outl + finl == len &&
 		EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, ENV_TAG_LEN, tag) == 1;
 
+	crypto_scrub();
 	if (!ok)
 		crypto_error("encrypt value");
 }
@@ -252,10 +269,11 @@ env_open(const uint8 *value_key, const uint8 *nonce,
 	if (setup)
 		verified = EVP_DecryptFinal_ex(ctx, plaintext + outl, &finl) == 1;
 
+	crypto_scrub();
 	if (!setup)
 	{
 		env_wipe(plaintext, len);
-		crypto_error("decrypt value");
+		crypto_error("set up AES-256-GCM decryption");
 	}
 	if (!verified)
 	{

@@ -26,7 +26,10 @@
  */
 #include "postgres.h"
 
+#include <curl/curl.h>
+
 #include "fmgr.h"
+#include "miscadmin.h"
 #include "utils/guc.h"
 
 #include "envelope.h"
@@ -53,35 +56,62 @@ int			envelope_kms_outage_grace = 0;
 
 void		_PG_init(void);
 
-/* True if an http:// address points at the loopback interface. */
-static bool
-is_loopback_http(const char *addr)
-{
-	static const char *const ok[] = {
-		"http://127.0.0.1", "http://localhost", "http://[::1]"
-	};
-
-	for (size_t i = 0; i < lengthof(ok); i++)
-	{
-		size_t		n = strlen(ok[i]);
-
-		if (strncmp(addr, ok[i], n) == 0 &&
-			(addr[n] == '\0' || addr[n] == ':' || addr[n] == '/'))
-			return true;
-	}
-	return false;
-}
-
-/* Check hook for envelope.vault_addr: https, or plain http on loopback only. */
+/*
+ * Check hook for envelope.vault_addr: an https URL, or plain http to a
+ * loopback address only (a Vault agent on the same host).  The URL is
+ * parsed the way libcurl will use it, so "http://localhost@evil" is seen
+ * for what it is; user information and query strings are refused.
+ */
 static bool
 check_vault_addr(char **newval, void **extra, GucSource source)
 {
+	CURLU	   *u;
+	char	   *scheme = NULL;
+	char	   *host = NULL;
+	char	   *user = NULL;
+	char	   *query = NULL;
+	bool		ok = false;
+
 	if (*newval == NULL || (*newval)[0] == '\0')
 		return true;
-	if (strncmp(*newval, "https://", 8) == 0 || is_loopback_http(*newval))
-		return true;
-	GUC_check_errdetail("The address must start with \"https://\"; plain \"http://\" is accepted only for 127.0.0.1, ::1 and localhost.");
-	return false;
+	u = curl_url();
+	if (u == NULL)
+		return false;
+	if (curl_url_set(u, CURLUPART_URL, *newval, 0) != CURLUE_OK ||
+		curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+		curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK)
+		GUC_check_errdetail("The address is not a valid URL.");
+	else if (curl_url_get(u, CURLUPART_USER, &user, 0) == CURLUE_OK ||
+			 curl_url_get(u, CURLUPART_QUERY, &query, 0) == CURLUE_OK)
+		GUC_check_errdetail("The address must not contain user information or a query.");
+	else if (strcmp(scheme, "https") == 0)
+		ok = true;
+	else if (strcmp(scheme, "http") == 0 &&
+			 (strcmp(host, "127.0.0.1") == 0 || strcmp(host, "localhost") == 0 ||
+			  strcmp(host, "[::1]") == 0))
+		ok = true;
+	else
+		GUC_check_errdetail("The address must start with \"https://\"; plain \"http://\" is accepted only for 127.0.0.1, ::1 and localhost.");
+	curl_free(scheme);
+	curl_free(host);
+	curl_free(user);
+	curl_free(query);
+	curl_url_cleanup(u);
+	return ok;
+}
+
+/* Check hook for envelope.vault_namespace: no characters that break a header. */
+static bool
+check_vault_namespace(char **newval, void **extra, GucSource source)
+{
+	const char *s = *newval;
+
+	if (s != NULL && strspn(s, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-/") != strlen(s))
+	{
+		GUC_check_errdetail("The namespace consists of letters, digits, \"_\", \".\", \"-\" and \"/\".");
+		return false;
+	}
+	return true;
 }
 
 /* Check hook for envelope.vault_mount: a path without "..", "?" or "#". */
@@ -103,6 +133,15 @@ check_vault_mount(char **newval, void **extra, GucSource source)
 void
 _PG_init(void)
 {
+	/*
+	 * Without shared_preload_libraries there is no shared memory for the key
+	 * cache (and postmaster settings cannot be defined): define nothing, so
+	 * the type's input and output still work (restoring a dump, COPY) and
+	 * every function fails with a clear error (env_require_shared).
+	 */
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
 	DefineCustomStringVariable("envelope.default_kek",
 							   "KEK used by enc() when none is given.",
 							   NULL,
@@ -141,7 +180,7 @@ _PG_init(void)
 							   &envelope_vault_namespace,
 							   "",
 							   PGC_SIGHUP, 0,
-							   NULL, NULL, NULL);
+							   check_vault_namespace, NULL, NULL);
 
 	DefineCustomStringVariable("envelope.vault_mount",
 							   "Mount path of the Transit secrets engine.",

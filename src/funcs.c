@@ -23,6 +23,7 @@
 
 #include "access/htup_details.h"
 #include "common/base64.h"
+#include "common/int.h"
 #include "datatype/timestamp.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -128,11 +129,12 @@ encrypt_value(FunctionCallInfo fcinfo, const uint8 *plaintext, int len, uint16 t
 	/* Allocate before touching keys, so running out of memory leaks nothing. */
 	total = (Size) ENV_HEADER_LEN + 1 + ref.kek_name_len + 1 + ref.provider_len +
 		2 + ref.key_ref_len + 4 + 2 + ENV_MAX_WRAPPED_LEN + (Size) len + ENV_TAG_LEN;
-	if (total > MaxAllocSize - VARHDRSZ)
+	/* The text form (base64, 4/3 larger) must fit in 1 GB too, for COPY and pg_dump. */
+	if (total > ((Size) MaxAllocSize - 16) / 4 * 3)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("value is too large to encrypt"),
-				 errdetail("The plaintext has %d bytes; enc_bytea values are limited to 1 GB.", len)));
+				 errdetail("The plaintext has %d bytes; enc_bytea values are limited to about 760 MB so that their text form fits in 1 GB.", len)));
 	result = (bytea *) palloc(VARHDRSZ + total);
 
 	PG_TRY();
@@ -366,9 +368,9 @@ rewrap_key(const EnvValue *v, const KekInfo *from, const KekInfo *target, KmsWra
 
 	if (!ok)
 		ereport(ERROR,
-				(errcode(ERRCODE_PROTOCOL_VIOLATION),
-				 errmsg("KMS rewrapped the data key of a value into a different key"),
-				 errdetail("The new wrapped key does not match the value's key commitment; the value was not changed.")));
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("could not verify the rewrapped data key"),
+				 errdetail("The new wrapped key does not match the value's key commitment: the value was modified, or the KMS returned a different key. Nothing was changed.")));
 	keycache_rewrap_store(from, &in, target, out);
 }
 
@@ -483,8 +485,9 @@ envelope_metadata(PG_FUNCTION_ARGS)
 	appendStringInfo(&buf, ", \"plaintext_type\": \"%s\"",
 					 (v.flags & ENV_FLAG_TEXT) ? "text" : "bytea");
 
-	ts = (Timestamp) (v.created_at - UNIX_EPOCH_OFFSET_USECS);
-	if (timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) == 0)
+	if (!pg_sub_s64_overflow(v.created_at, UNIX_EPOCH_OFFSET_USECS, &ts) &&
+		IS_VALID_TIMESTAMP(ts) &&
+		timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) == 0)
 		appendStringInfo(&buf, ", \"created_at\": \"%04d-%02d-%02dT%02d:%02d:%02d.%06dZ\"",
 						 tm.tm_year, tm.tm_mon, tm.tm_mday,
 						 tm.tm_hour, tm.tm_min, tm.tm_sec, (int) fsec);

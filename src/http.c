@@ -23,6 +23,9 @@
 
 #include <curl/curl.h>
 
+#include <signal.h>
+
+#include "libpq/pqsignal.h"
 #include "miscadmin.h"
 
 #include "crypto.h"
@@ -53,6 +56,23 @@ write_cb(char *data, size_t size, size_t nmemb, void *userdata)
 	memcpy(response_buf + response_len, data, n);
 	response_len += n;
 	return n;
+}
+
+/*
+ * curl_multi_perform with signals blocked, so that a resolver thread it
+ * starts inherits a blocked mask and PostgreSQL's signal handlers only ever
+ * run on the backend's own thread.
+ */
+static CURLMcode
+perform_blocking_signals(int *running)
+{
+	sigset_t	save;
+	CURLMcode	rc;
+
+	sigprocmask(SIG_SETMASK, &BlockSig, &save);
+	rc = curl_multi_perform(multi_handle, running);
+	sigprocmask(SIG_SETMASK, &save, NULL);
+	return rc;
 }
 
 /* Create the per-backend curl handles on first use. */
@@ -196,6 +216,12 @@ http_try(const HttpRequest *req, HttpResponse *resp, HttpError *err)
 	curl_easy_setopt(easy_handle, CURLOPT_WRITEFUNCTION, write_cb);
 	curl_easy_setopt(easy_handle, CURLOPT_ERRORBUFFER, errbuf);
 	curl_easy_setopt(easy_handle, CURLOPT_USERAGENT, "envelope-postgresql");
+	/* Environment proxies (https_proxy...) would silently reroute KMS traffic. */
+	curl_easy_setopt(easy_handle, CURLOPT_PROXY, "");
+#if LIBCURL_VERSION_NUM >= 0x075700
+	/* Do not wait for a slow DNS lookup when a cancelled transfer is removed. */
+	curl_easy_setopt(multi_handle, CURLOPT_QUICK_EXIT, 1L);
+#endif
 	if (strcmp(req->method, "POST") == 0)
 	{
 		curl_easy_setopt(easy_handle, CURLOPT_POST, 1L);
@@ -220,7 +246,7 @@ http_try(const HttpRequest *req, HttpResponse *resp, HttpError *err)
 			CURLMsg    *msg;
 
 			CHECK_FOR_INTERRUPTS();
-			if (curl_multi_perform(multi_handle, &running) != CURLM_OK)
+			if (perform_blocking_signals(&running) != CURLM_OK)
 				ereport(ERROR,
 						(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
 						 errmsg("could not drive the KMS request")));
@@ -242,6 +268,8 @@ http_try(const HttpRequest *req, HttpResponse *resp, HttpError *err)
 	{
 		if (attached)
 			curl_multi_remove_handle(multi_handle, easy_handle);
+		if (!done)
+			http_wipe();		/* a partial answer from an interrupted transfer */
 		curl_easy_setopt(easy_handle, CURLOPT_HTTPHEADER, NULL);
 		curl_slist_free_all(headers);
 	}

@@ -147,7 +147,7 @@ jsonx_extract(char *json, int len, JsonxField *fields, int nfields)
 	JsonLexContext *lex;
 	JsonSemAction sem;
 	JsonxState	st;
-	JsonParseErrorType rc;
+	volatile JsonParseErrorType rc = JSON_SUCCESS;
 
 	for (int i = 0; i < nfields; i++)
 		fields[i].value = NULL;
@@ -171,7 +171,17 @@ jsonx_extract(char *json, int len, JsonxField *fields, int nfields)
 	sem.scalar = on_scalar;
 
 	lex = envelope_json_lexer(json, len);
-	rc = pg_parse_json(lex, &sem);
+	PG_TRY();
+	{
+		rc = pg_parse_json(lex, &sem);
+	}
+	PG_FINALLY();
+	{
+		/* The lexer's string buffer held the last string token: a key, maybe. */
+		if (lex->strval != NULL)
+			env_wipe(lex->strval->data, lex->strval->maxlen);
+	}
+	PG_END_TRY();
 	pfree(st.path.data);
 	if (rc != JSON_SUCCESS)
 	{

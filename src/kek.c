@@ -27,6 +27,8 @@
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "storage/lmgr.h"
 
 #include "envelope.h"
 #include "kek.h"
@@ -72,21 +74,33 @@ registry_table(void)
 	return relid;
 }
 
-/* (Re)load the registry into TopMemoryContext. */
+/*
+ * (Re)load the registry into TopMemoryContext.
+ *
+ * Locking the table first processes pending invalidations, and the rows are
+ * read with a fresh snapshot rather than the caller's: otherwise a backend
+ * in a long transaction could load rows older than an invalidation it has
+ * already processed and keep them for good.
+ */
 static void
 registry_load(void)
 {
 	KekInfo    *fresh = NULL;
 	int			n = 0;
+	SPIPlanPtr	plan;
 
 	registry_relid = registry_table();
+	LockRelationOid(registry_relid, AccessShareLock);
 	registry_valid = true;		/* an invalidation during the load clears it */
 
 	SPI_connect();
 	PG_TRY();
 	{
-		if (SPI_execute("SELECT name, provider, key_ref, latest_version FROM envelope.kek",
-						true, 0) != SPI_OK_SELECT)
+		plan = SPI_prepare("SELECT name, provider, key_ref, latest_version FROM envelope.kek",
+						   0, NULL);
+		if (plan == NULL ||
+			SPI_execute_snapshot(plan, NULL, NULL, GetLatestSnapshot(), InvalidSnapshot,
+								 true, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not read envelope.kek");
 		n = (int) SPI_processed;
 		fresh = MemoryContextAllocZero(TopMemoryContext, sizeof(KekInfo) * Max(n, 1));
@@ -213,7 +227,8 @@ envelope_create_kek(PG_FUNCTION_ARGS)
 	if (strlen(key_ref) == 0 || strlen(key_ref) > ENV_MAX_KEYREF_LEN)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("invalid key reference \"%s\"", key_ref)));
+				 errmsg("invalid key reference"),
+				 errdetail("Key references have 1 to %d characters.", ENV_MAX_KEYREF_LEN)));
 	provider = kms_provider(provider_name, false);
 	if (kek_lookup(name, &existing, true))
 		ereport(ERROR,
@@ -262,7 +277,7 @@ envelope_rotate_kek(PG_FUNCTION_ARGS)
 	values[2] = Int32GetDatum(info.min_decryption_version);
 	SPI_connect();
 	if (SPI_execute_with_args("UPDATE envelope.kek SET latest_version = $2, min_decryption_version = $3, "
-							  "rotated_at = pg_catalog.now() WHERE name = $1",
+							  "rotated_at = pg_catalog.now() WHERE name OPERATOR(pg_catalog.=) $1",
 							  3, types, values, NULL, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "could not update envelope.kek");
 	SPI_finish();

@@ -101,6 +101,7 @@ typedef struct RewrapMemo
 	bool		used;
 	uint8		from_digest[DIGEST_LEN];
 	char		target_name[NAMEDATALEN];
+	uint8		target_identity[DIGEST_LEN];	/* provider and key_ref */
 	int32		target_latest;
 	int32		version;
 	uint8	   *wrapped;		/* TopMemoryContext */
@@ -578,14 +579,17 @@ keycache_rewrap_lookup(const KekInfo *from, const KmsWrapped *wrapped,
 					   const KekInfo *target, KmsWrapped *out)
 {
 	uint8		digest[DIGEST_LEN];
+	uint8		identity[DIGEST_LEN];
 
 	wrapped_digest(from, wrapped, digest);
+	wrapped_digest(target, NULL, identity);
 	for (int i = 0; i < MAX_REWRAP_MEMO; i++)
 	{
 		RewrapMemo *m = &memo[i];
 
 		if (m->used && m->target_latest == target->latest_version &&
 			strcmp(m->target_name, target->name) == 0 &&
+			memcmp(m->target_identity, identity, DIGEST_LEN) == 0 &&
 			memcmp(m->from_digest, digest, DIGEST_LEN) == 0)
 		{
 			out->version = m->version;
@@ -610,6 +614,7 @@ keycache_rewrap_store(const KekInfo *from, const KmsWrapped *wrapped,
 		pfree(m->wrapped);
 	memset(m, 0, sizeof(*m));
 	wrapped_digest(from, wrapped, m->from_digest);
+	wrapped_digest(target, NULL, m->target_identity);
 	strlcpy(m->target_name, target->name, NAMEDATALEN);
 	m->target_latest = target->latest_version;
 	m->version = out->version;

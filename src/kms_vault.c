@@ -38,6 +38,7 @@
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "storage/latch.h"
+#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -133,9 +134,16 @@ answer_error_text(const VaultAnswer *a)
 {
 	const char *e = a->fields[a->nfields - 1].value;
 
-	if (strlen(e) > VAULT_ERROR_MAX)
-		return psprintf("%.*s...", VAULT_ERROR_MAX, e);
-	return e;
+	char	   *t;
+	int			len = strlen(e);
+
+	if (len > VAULT_ERROR_MAX)
+		len = pg_mbcliplen(e, len, VAULT_ERROR_MAX);
+	t = pnstrdup(e, len);
+	/* The detail adds its own period. */
+	while (len > 0 && (t[len - 1] == '.' || t[len - 1] == ' '))
+		t[--len] = '\0';
+	return t;
 }
 
 /* "Vault answered HTTP n: message." or "Vault answered HTTP n." */
@@ -227,9 +235,9 @@ backoff_sleep(int attempt)
 	}
 }
 
+static void vault_malformed(const char *key_ref, const char *detail) pg_attribute_noreturn();
+
 /* Raise "malformed answer" with a detail sentence. */
-static void
-vault_malformed(const char *key_ref, const char *detail) pg_attribute_noreturn();
 static void
 vault_malformed(const char *key_ref, const char *detail)
 {
@@ -239,28 +247,30 @@ vault_malformed(const char *key_ref, const char *detail)
 			 errdetail_internal("%s", detail)));
 }
 
-/*
- * Call Vault: method on <mount>/<op>/<key_ref><suffix> with an optional JSON
- * body.  paths names the fields to extract; on a 2xx answer they are in
- * a->fields, on anything else the call raises.  body is wiped.
- */
-static void
-vault_call(const char *method, const char *op, const char *key_ref, const char *suffix,
-		   StringInfo body, const char *const *paths, int npaths,
-		   int32 version, VaultAnswer *a)
+/* Buffers of one call that may hold secrets, wiped whatever happens. */
+typedef struct VaultSecrets
 {
-	HttpRequest req;
-	HttpResponse resp;
-	HttpError	herr;
-	volatile bool ok = false;
-	StringInfoData url;
 	char	   *token;
 	char	   *token_header;
-	char	   *ns_header = NULL;
-	const char *problem;
+	Size		token_header_len;
+} VaultSecrets;
+
+/*
+ * Send one request (with retries) and extract the answer's fields; returns
+ * the extraction problem, if any.  Separate from vault_call() so that the
+ * latter's PG_TRY block stays trivial.
+ */
+static pg_noinline const char *
+vault_exchange(const char *method, const char *op, const char *key_ref, const char *suffix,
+			   StringInfo body, const char *const *paths, int npaths,
+			   VaultAnswer *a, VaultSecrets *sec, HttpResponse *resp)
+{
+	HttpRequest req;
+	HttpError	herr;
+	StringInfoData url;
+	bool		ok = false;
 	int			addrlen;
 
-	Assert(npaths < lengthof(a->fields));
 	check_key_ref(key_ref);
 	if (envelope_vault_addr == NULL || envelope_vault_addr[0] == '\0')
 		ereport(ERROR,
@@ -275,10 +285,11 @@ vault_call(const char *method, const char *op, const char *key_ref, const char *
 	appendStringInfo(&url, "%.*s/v1/%s/%s/%s%s", addrlen, envelope_vault_addr,
 					 envelope_vault_mount, op, key_ref, suffix ? suffix : "");
 
-	token = read_token();
-	token_header = psprintf("X-Vault-Token: %s", token);
-	env_wipe(token, strlen(token));
-	pfree(token);
+	/* Build the header in one exact-size buffer: no partial copies. */
+	sec->token = read_token();
+	sec->token_header_len = strlen("X-Vault-Token: ") + strlen(sec->token) + 1;
+	sec->token_header = palloc(sec->token_header_len);
+	snprintf(sec->token_header, sec->token_header_len, "X-Vault-Token: %s", sec->token);
 
 	memset(&req, 0, sizeof(req));
 	req.method = method;
@@ -287,48 +298,79 @@ vault_call(const char *method, const char *op, const char *key_ref, const char *
 	req.body_len = body ? body->len : 0;
 	req.ca_file = envelope_vault_ca_file;
 	req.timeout_ms = envelope_kms_timeout;
-	req.headers[req.nheaders++] = token_header;
+	req.headers[req.nheaders++] = sec->token_header;
 	req.headers[req.nheaders++] = "Content-Type: application/json";
 	if (envelope_vault_namespace && envelope_vault_namespace[0])
-	{
-		ns_header = psprintf("X-Vault-Namespace: %s", envelope_vault_namespace);
-		req.headers[req.nheaders++] = ns_header;
-	}
+		req.headers[req.nheaders++] = psprintf("X-Vault-Namespace: %s", envelope_vault_namespace);
 
-	PG_TRY();
+	for (int attempt = 0;; attempt++)
 	{
-		for (int attempt = 0;; attempt++)
-		{
-			bool		retry;
+		bool		retry;
 
-			ok = http_try(&req, &resp, &herr);
-			retry = ok ? (resp.status == 429 || resp.status >= 500) : http_error_retryable(&herr);
-			if (!retry || attempt >= envelope_kms_retries)
-				break;
-			env_count(CNT_KMS_RETRIES, 1);
-			http_wipe();
-			backoff_sleep(attempt);
-		}
-		if (!ok)
-			http_raise(&herr, &req);
+		ok = http_try(&req, resp, &herr);
+		retry = ok ? (resp->status == 429 || resp->status >= 500) : http_error_retryable(&herr);
+		if (!retry || attempt >= envelope_kms_retries)
+			break;
+		env_count(CNT_KMS_RETRIES, 1);
+		http_wipe();
+		backoff_sleep(attempt);
 	}
-	PG_FINALLY();
-	{
-		env_wipe(token_header, strlen(token_header));
-		if (body)
-			env_wipe(body->data, body->len);
-	}
-	PG_END_TRY();
+	if (!ok)
+		http_raise(&herr, &req);
 
-	memset(a, 0, sizeof(*a));
-	a->status = resp.status;
+	a->status = resp->status;
 	for (int i = 0; i < npaths; i++)
 		a->fields[i].path = paths[i];
 	a->fields[npaths].path = "errors.0";
 	a->nfields = npaths + 1;
+	return jsonx_extract(resp->body, resp->body_len, a->fields, a->nfields);
+}
 
-	problem = jsonx_extract(resp.body, resp.body_len, a->fields, a->nfields);
+/* Wipe what one call may have left: answer buffer, token, request body. */
+static void
+wipe_call(VaultSecrets *sec, StringInfo body)
+{
 	http_wipe();
+	if (sec->token)
+		env_wipe(sec->token, strlen(sec->token));
+	if (sec->token_header)
+		env_wipe(sec->token_header, sec->token_header_len);
+	if (body)
+		env_wipe(body->data, body->len);
+}
+
+/*
+ * Call Vault: method on <mount>/<op>/<key_ref><suffix> with an optional JSON
+ * body.  paths names the fields to extract; on a 2xx answer they are in
+ * a->fields, on anything else the call raises.  The body (which may hold a
+ * data key), the token and the answer buffer are wiped on every path.
+ */
+static void
+vault_call(const char *method, const char *op, const char *key_ref, const char *suffix,
+		   StringInfo body, const char *const *paths, int npaths,
+		   int32 version, VaultAnswer *a)
+{
+	VaultSecrets sec;
+	HttpResponse resp;
+	const char *volatile problem = NULL;
+
+	Assert(npaths < lengthof(a->fields));
+	memset(a, 0, sizeof(*a));
+	memset(&sec, 0, sizeof(sec));
+	memset(&resp, 0, sizeof(resp));
+
+	PG_TRY();
+	{
+		problem = vault_exchange(method, op, key_ref, suffix, body, paths, npaths,
+								 a, &sec, &resp);
+	}
+	PG_CATCH();
+	{
+		wipe_call(&sec, body);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	wipe_call(&sec, body);
 
 	if (a->status < 200 || a->status > 299)
 	{
