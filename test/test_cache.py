@@ -1,0 +1,1267 @@
+#!/usr/bin/python3
+"""Shared-memory key cache and the resilient KMS client (issue 3).
+
+Needs the dev environment (eval "$(test/devenv up)"): it reads PGHOST,
+PGPORT, PGDATABASE, PGUSER, VAULT_ADDR, VAULT_TOKEN, VAULT_CACERT,
+ENVELOPE_KMS_ADMIN, ENVELOPE_DEV_DIR and ENVELOPE_DEV_LOG, and exits with
+status 2 if one is missing.  Run as root (or as the cluster's owner):
+
+    /usr/bin/python3 test/test_cache.py [TEST_NAME ...]
+
+What is checked (one line per test: PASS/FAIL, name, seconds):
+  settings_and_stats_shape   GUCs (defaults, limits, contexts), cache_stats()
+                             is one row with the documented columns, the
+                             "envelope key cache sweeper" worker runs
+  shared_between_sessions    a key unwrapped by one session is a hit in another
+  cache_flush_server_wide    cache_flush() and cache_flush(kek) act server-wide
+  dek_limits_are_global      dek_max_uses / dek_max_age count across sessions
+                             (2 x 1000 concurrent inserts, uses = 100 -> 20..22 keys)
+  rotate_kek_all_backends    rotate_kek() retires the current data key everywhere
+  ttl_expiry_and_sweeper     cache_ttl (reloaded), expiry without traffic
+  kms_retries                503/429/refused retried with backoff, bounded by
+                             statement_timeout; kms_retries = 0 fails at once
+  outage_grace               kms_outage_grace: stale keys only while the KMS is
+                             unreachable, logged once per statement, fail closed
+  cancel_hanging_kms         pg_cancel_backend() ends a hung KMS call in < 1 s
+  parallel_scan              1,000,000 rows, parallel workers: one KMS unwrap per data key
+  cache_size_lru_eviction    cache_size = 16 (restart): capacity, LRU eviction
+  restart_empties_cache      a restart empties the cache and resets the counters
+  not_preloaded_cluster      without shared_preload_libraries: 55000, type I/O works
+  pgbench_mixed_load         8 clients x 30 s of enc()/dec_text(), dek_max_uses = 1000
+
+The test may restart the dev cluster and change settings with ALTER SYSTEM;
+every change is undone at the end (settings restored to what
+postgresql.auto.conf held before, reload, restart if a postmaster setting
+changed, KMS fault mode "none"), also on failure.  Tables, KEK registry rows
+and the temporary second cluster it creates are removed.
+Exit status: 0 if every test passed, 1 if one failed, 2 if the environment is missing.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.request
+
+import psycopg2
+import psycopg2.extensions
+import requests
+
+PGBIN = "/usr/lib/postgresql/15/bin"
+REQUIRED_ENV = ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "VAULT_ADDR", "VAULT_TOKEN",
+                "VAULT_CACERT", "ENVELOPE_KMS_ADMIN", "ENVELOPE_DEV_DIR", "ENVELOPE_DEV_LOG")
+RUN = "%d" % os.getpid()
+PREFIX = "cache_t_" + RUN                # tables and KEKs this run creates
+SAFETY_TIMEOUT = "60s"                   # statement_timeout of every session unless a test sets one
+
+# The columns of envelope.cache_stats(), in order, with their types.
+STATS_COLUMNS = [
+    ("entries", "integer"), ("capacity", "integer"),
+    ("hits", "bigint"), ("misses", "bigint"), ("expirations", "bigint"), ("evictions", "bigint"),
+    ("stale_uses", "bigint"),
+    ("kms_key_info", "bigint"), ("kms_generate", "bigint"), ("kms_wrap", "bigint"),
+    ("kms_unwrap", "bigint"), ("kms_rewrap", "bigint"), ("kms_rotate", "bigint"),
+    ("kms_retries", "bigint"), ("kms_errors", "bigint"),
+    ("last_kms_error", "timestamp with time zone"),
+    ("kms_connections", "bigint"), ("memory_locked", "boolean"),
+]
+COUNTER_COLUMNS = [n for n, t in STATS_COLUMNS if t == "bigint"]
+
+# Settings this test may change (ALTER SYSTEM), restored at the end.
+TOUCHABLE = ("envelope.cache_ttl", "envelope.cache_size", "envelope.dek_max_uses",
+             "envelope.dek_max_age", "envelope.kms_retries", "envelope.kms_outage_grace")
+ORIGINAL_AUTO_CONF = {}                  # name -> value in postgresql.auto.conf at start
+TOUCHED = set()                          # names changed by ALTER SYSTEM during the run
+CREATED_KEKS = []
+CREATED_TABLES = []
+
+
+class Failure(AssertionError):
+    """A failed hard requirement: ends the current test."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM: end the run, but still clean up."""
+
+
+# ---------------------------------------------------------------------------
+# Environment: sessions, the KMS admin API, settings, restarts, the server log
+# ---------------------------------------------------------------------------
+
+def require_env():
+    missing = [v for v in REQUIRED_ENV if not os.environ.get(v)]
+    if missing:
+        raise RuntimeError("missing environment variable(s) %s; start the dev environment first: "
+                           "eval \"$(test/devenv up)\"" % ", ".join(missing))
+
+
+def connect(statement_timeout=SAFETY_TIMEOUT, **kw):
+    """A new autocommit session (a new backend) in the dev database."""
+    args = dict(host=os.environ["PGHOST"], port=os.environ["PGPORT"],
+                dbname=os.environ["PGDATABASE"], user=os.environ["PGUSER"],
+                application_name="test_cache",
+                options="-c statement_timeout=%s" % statement_timeout)
+    args.update(kw)
+    conn = psycopg2.connect(**args)
+    conn.autocommit = True
+    return conn
+
+
+def q1(conn, sql, args=None):
+    """First column of the first row."""
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchone()[0]
+
+
+def qrow(conn, sql, args=None):
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchone()
+
+
+def qall(conn, sql, args=None):
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchall()
+
+
+def run(conn, sql, args=None):
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+
+
+def admin(method, path, body=None):
+    """The test KMS's admin API (plain HTTP on loopback)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(os.environ["ENVELOPE_KMS_ADMIN"] + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def set_fault(mode, count=None):
+    body = {"mode": mode}
+    if count is not None:
+        body["count"] = count
+    return admin("POST", "/fault", body)
+
+
+def kms_decrypts():
+    """Decrypt (unwrap) requests that reached the KMS so far, faulted ones included."""
+    return admin("GET", "/stats")["requests"]["decrypt"]
+
+
+def cache_stats(conn):
+    """envelope.cache_stats() as a dict (exactly one row expected)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT * FROM envelope.cache_stats()")
+        rows = cur.fetchall()
+        cols = [d.name for d in cur.description]
+    if len(rows) != 1:
+        raise Failure("envelope.cache_stats() returned %d rows, expected exactly one" % len(rows))
+    return dict(zip(cols, rows[0]))
+
+
+def stat(s, name):
+    if name not in s:
+        raise Failure("envelope.cache_stats() has no column %r (it has: %s)" % (name, ", ".join(s)))
+    return s[name]
+
+
+def delta(before, after, name):
+    return stat(after, name) - stat(before, name)
+
+
+def setting(conn, name):
+    """pg_settings.setting (in the base unit), or None if the setting does not exist."""
+    row = qrow(conn, "SELECT setting FROM pg_settings WHERE name = %s", (name,))
+    return row[0] if row else None
+
+
+def wait_setting(name, expected, conns=(), timeout=5.0):
+    """Wait until new sessions and every given session see a reloaded setting."""
+    expected = str(expected)
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = []
+        c = connect()
+        try:
+            seen.append(setting(c, name))
+        finally:
+            c.close()
+        for c in conns:
+            seen.append(setting(c, name))
+        if all(v == expected for v in seen):
+            return
+        if time.monotonic() > deadline:
+            raise Failure("after ALTER SYSTEM and pg_reload_conf(), %s is %r in sessions, expected %r"
+                          % (name, seen, expected))
+        time.sleep(0.05)
+
+
+def alter_system(values, conns=()):
+    """ALTER SYSTEM SET name = value for each, reload, wait until sessions see them.
+    A postmaster setting is not waited for (restart_cluster() applies it)."""
+    c = connect()
+    try:
+        for name, value in values.items():
+            assert name in TOUCHABLE, name
+            TOUCHED.add(name)
+            run(c, "ALTER SYSTEM SET %s = %%s" % name, (str(value),))
+        run(c, "SELECT pg_reload_conf()")
+        contexts = dict(qall(c, "SELECT name, context FROM pg_settings WHERE name = ANY(%s)",
+                             (list(values),)))
+    finally:
+        c.close()
+    for name, value in values.items():
+        if contexts.get(name) != "postmaster":
+            wait_setting(name, value, conns)
+
+
+def restore_settings(names=None):
+    """Put the given (default: all touched) settings back to what postgresql.auto.conf held
+    at start, reload, and restart if a postmaster setting is pending.  Returns True if restarted."""
+    names = sorted(TOUCHED if names is None else set(names) & TOUCHED)
+    if not names:
+        return False
+    c = connect()
+    try:
+        for name in names:
+            if name in ORIGINAL_AUTO_CONF:
+                run(c, "ALTER SYSTEM SET %s = %%s" % name, (ORIGINAL_AUTO_CONF[name],))
+            else:
+                run(c, "ALTER SYSTEM RESET %s" % name)
+        run(c, "SELECT pg_reload_conf()")
+        time.sleep(0.2)
+        pending = q1(c, "SELECT count(*) FROM pg_settings WHERE name = ANY(%s) AND pending_restart", (names,))
+    finally:
+        c.close()
+    TOUCHED.difference_update(names)
+    if pending:
+        restart_cluster()
+        return True
+    return False
+
+
+def as_cluster_owner(cmd):
+    """Run a command as the cluster's OS user (postgres) when we are root."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--"] + cmd
+    return cmd
+
+
+def pgdata():
+    return os.path.join(os.environ["ENVELOPE_DEV_DIR"], "pgdata")
+
+
+def restart_cluster():
+    """Restart the dev cluster (fast shutdown) and wait until it accepts connections."""
+    cmd = as_cluster_owner([PGBIN + "/pg_ctl", "-D", pgdata(), "-l", os.environ["ENVELOPE_DEV_LOG"],
+                            "-w", "-t", "60", "restart"])
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    if r.returncode != 0:
+        raise Failure("pg_ctl restart failed (%d): %s" % (r.returncode, r.stdout.strip()[-500:]))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            connect().close()
+            return
+        except psycopg2.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def cluster_running():
+    r = subprocess.run(as_cluster_owner([PGBIN + "/pg_ctl", "-D", pgdata(), "status"]),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return r.returncode == 0
+
+
+def start_cluster():
+    subprocess.run(as_cluster_owner([PGBIN + "/pg_ctl", "-D", pgdata(), "-l", os.environ["ENVELOPE_DEV_LOG"],
+                                     "-w", "-t", "60", "start"]),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+
+def log_size():
+    try:
+        return os.path.getsize(os.environ["ENVELOPE_DEV_LOG"])
+    except OSError:
+        return 0
+
+
+LEVEL_RE = re.compile(r"\b(DEBUG\d?|LOG|INFO|NOTICE|WARNING|ERROR|FATAL|PANIC|DETAIL|HINT|CONTEXT|"
+                      r"STATEMENT|QUERY|LOCATION):  ")
+CONTINUATION = ("DETAIL", "HINT", "CONTEXT", "STATEMENT", "QUERY", "LOCATION")
+
+
+def log_entries(offset):
+    """Server log messages written after offset: a list of (level, text), where text is the
+    primary message joined with its DETAIL/HINT/CONTEXT lines (STATEMENT/QUERY lines left out,
+    since they quote the test's own SQL)."""
+    with open(os.environ["ENVELOPE_DEV_LOG"], "rb") as f:
+        f.seek(offset)
+        data = f.read().decode("utf-8", "replace")
+    entries = []
+    skip = False
+    for line in data.splitlines():
+        m = LEVEL_RE.search(line)
+        if m is None:                       # a continuation line of a multi-line message
+            if entries and not skip:
+                entries[-1][1].append(line)
+            continue
+        level, text = m.group(1), line[m.end():]
+        if level in CONTINUATION:
+            skip = level in ("STATEMENT", "QUERY")
+            if entries and not skip:
+                entries[-1][1].append(text)
+        else:
+            skip = False
+            entries.append((level, [text]))
+    return [(level, "\n".join(parts)) for level, parts in entries]
+
+
+def stale_log_entries(offset):
+    return [(lvl, t) for lvl, t in log_entries(offset)
+            if "expired" in t.lower() and "kms" in t.lower()]
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def new_kek(conn):
+    """A fresh KEK (new Transit key in the test KMS, registered in envelope_dev)."""
+    name = "%s_k%d" % (PREFIX, len(CREATED_KEKS) + 1)
+    r = requests.post("%s/v1/transit/keys/%s" % (os.environ["VAULT_ADDR"], name),
+                      json={"type": "aes256-gcm96"},
+                      headers={"X-Vault-Token": os.environ["VAULT_TOKEN"]},
+                      verify=os.environ["VAULT_CACERT"], timeout=10)
+    if r.status_code != 200:
+        raise Failure("could not create KMS key %s: %s %s" % (name, r.status_code, r.text[:200]))
+    CREATED_KEKS.append(name)
+    run(conn, "SELECT envelope.create_kek(%s, 'vault', %s)", (name, name))
+    return name
+
+
+def new_table(conn, suffix, columns="id bigserial PRIMARY KEY, p text, v enc_bytea", unlogged=False):
+    name = "%s_%s" % (PREFIX, suffix)
+    CREATED_TABLES.append(name)
+    run(conn, "DROP TABLE IF EXISTS %s" % name)
+    run(conn, "CREATE %sTABLE %s (%s)" % ("UNLOGGED " if unlogged else "", name, columns))
+    return name
+
+
+def dek_of(conn, value_text):
+    """(kek_version, wrapped_dek_b64) of a value given in its text form."""
+    return tuple(qrow(conn, "SELECT (m->>'kek_version')::int, m->>'wrapped_dek_b64' "
+                            "FROM envelope.metadata(%s::enc_bytea) m", (value_text,)))
+
+
+# ---------------------------------------------------------------------------
+# A small runner: tests in a fixed order, soft and hard checks
+# ---------------------------------------------------------------------------
+
+TESTS = []
+
+
+def test(fn):
+    TESTS.append(fn)
+    return fn
+
+
+class T:
+    """Per-test context: sessions, soft checks (expect) and hard checks (require)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.problems = []
+        self.notes = []
+        self.conns = []
+        self.cleanups = []
+
+    def session(self, **kw):
+        c = connect(**kw)
+        self.conns.append(c)
+        return c
+
+    def expect(self, cond, msg):
+        if not cond:
+            self.problems.append(msg)
+        return cond
+
+    def require(self, cond, msg):
+        if not cond:
+            raise Failure(msg)
+
+    def note(self, msg):
+        self.notes.append(msg)
+
+    def failing(self, conn, sql, args=None):
+        """Run sql expecting an error: (error or None, elapsed seconds)."""
+        start = time.monotonic()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, args)
+                if cur.description is not None:
+                    cur.fetchall()
+        except psycopg2.Error as e:
+            return e, time.monotonic() - start
+        return None, time.monotonic() - start
+
+    def close(self):
+        for c in self.conns:
+            try:
+                c.close()
+            except Exception:
+                pass
+        self.conns = []
+
+
+def describe(err):
+    if err is None:
+        return "no error"
+    d = err.diag
+    return "SQLSTATE %s %r (detail %r, hint %r)" % (err.pgcode, d.message_primary, d.message_detail,
+                                                     d.message_hint)
+
+
+# ---------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------
+
+@test
+def settings_and_stats_shape(t):
+    c = t.session()
+    want = {
+        # name: (boot_val, min_val, max_val, context); None = not checked
+        "envelope.cache_ttl": ("60", None, "300", "sighup"),
+        "envelope.cache_size": ("1024", "16", None, "postmaster"),
+        "envelope.kms_retries": ("2", None, None, "sighup"),
+        "envelope.kms_outage_grace": ("0", None, None, "sighup"),
+        "envelope.dek_max_uses": (None, None, None, "superuser"),
+        "envelope.dek_max_age": (None, None, None, "superuser"),
+    }
+    for name, (boot, lo, hi, ctx) in want.items():
+        row = qrow(c, "SELECT boot_val, min_val, max_val, context FROM pg_settings WHERE name = %s", (name,))
+        if not t.expect(row is not None, "setting %s does not exist" % name):
+            continue
+        for label, w, g in (("default", boot, row[0]), ("minimum", lo, row[1]), ("maximum", hi, row[2]),
+                            ("context", ctx, row[3])):
+            if w is not None:
+                t.expect(g == w, "%s: %s is %r, expected %r" % (name, label, g, w))
+
+    with c.cursor() as cur:
+        cur.execute("SELECT * FROM envelope.cache_stats()")
+        rows = cur.fetchall()
+        names = [d.name for d in cur.description]
+    t.expect(len(rows) == 1, "envelope.cache_stats() returned %d rows, expected 1" % len(rows))
+    t.expect(names == [n for n, _ in STATS_COLUMNS],
+             "envelope.cache_stats() columns are %s, expected %s" % (names, [n for n, _ in STATS_COLUMNS]))
+    have = [n for n, _ in STATS_COLUMNS if n in names]
+    if have:
+        types = qrow(c, "SELECT " + ", ".join("pg_typeof(%s)::text" % n for n in have)
+                     + " FROM envelope.cache_stats()")
+        for n, got in zip(have, types):
+            w = dict(STATS_COLUMNS)[n]
+            t.expect(got == w, "cache_stats().%s has type %s, expected %s" % (n, got, w))
+    s = cache_stats(c)
+    t.expect(stat(s, "capacity") == 1024, "capacity is %r with cache_size = 1024" % s.get("capacity"))
+
+    # The sweeper background worker.
+    types = [r[0] for r in qall(c, "SELECT backend_type FROM pg_stat_activity")]
+    titles = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open("/proc/%s/cmdline" % pid, "rb") as f:
+                    titles.append(f.read().replace(b"\0", b" ").decode("utf-8", "replace"))
+            except OSError:
+                pass
+    t.expect("envelope key cache sweeper" in types
+             or any("envelope key cache sweeper" in x for x in titles),
+             "no \"envelope key cache sweeper\" background worker (pg_stat_activity backend types: %s)"
+             % sorted(set(types)))
+
+
+@test
+def shared_between_sessions(t):
+    setup = t.session()
+    tab = new_table(setup, "share")
+    run(setup, "INSERT INTO %s (p, v) SELECT 'share-' || g, enc('share-' || g) FROM generate_series(1, 20) g"
+        % tab)
+    deks = q1(setup, "SELECT count(DISTINCT envelope.metadata(v)->>'wrapped_dek_b64') FROM %s" % tab)
+    t.require(deks == 1, "20 values inserted by one statement use %d data keys, expected 1" % deks)
+
+    a = t.session()
+    run(a, "SELECT envelope.cache_flush()")
+    s0 = cache_stats(a)
+    k0 = kms_decrypts()
+    t.require(q1(a, "SELECT dec_text(v) FROM %s WHERE id = (SELECT min(id) FROM %s)" % (tab, tab))
+              == "share-1", "session A decrypted a wrong value")
+    s1 = cache_stats(a)
+    k1 = kms_decrypts()
+    t.expect(k1 - k0 == 1, "session A's first dec after cache_flush(): %d KMS decrypt requests, expected 1"
+             % (k1 - k0))
+    t.expect(delta(s0, s1, "kms_unwrap") == 1, "cache_stats().kms_unwrap grew by %d in session A, expected 1"
+             % delta(s0, s1, "kms_unwrap"))
+    t.expect(stat(s1, "entries") >= 1, "entries = %d after session A's decrypt" % stat(s1, "entries"))
+
+    b = t.session()                                  # a new backend
+    s2 = cache_stats(b)
+    t.expect(stat(s2, "entries") == stat(s1, "entries") and stat(s2, "misses") == stat(s1, "misses")
+             and stat(s2, "kms_unwrap") == stat(s1, "kms_unwrap"),
+             "a new session's cache_stats() differs from session A's (not server-wide): A %s, B %s"
+             % ({k: s1[k] for k in ("entries", "misses", "kms_unwrap")},
+                {k: s2.get(k) for k in ("entries", "misses", "kms_unwrap")}))
+    ok = q1(b, "SELECT count(*) FILTER (WHERE dec_text(v) = p) FROM %s" % tab)
+    s3 = cache_stats(b)
+    k3 = kms_decrypts()
+    t.expect(ok == 20, "session B decrypted %d of 20 values correctly" % ok)
+    t.expect(k3 - k1 == 0, "session B made %d KMS decrypt requests for a data key session A had unwrapped, "
+                           "expected 0" % (k3 - k1))
+    t.expect(delta(s2, s3, "hits") >= 20, "hits grew by %d for session B's 20 decrypts, expected >= 20"
+             % delta(s2, s3, "hits"))
+    t.expect(delta(s2, s3, "misses") == 0, "misses grew by %d in session B, expected 0" % delta(s2, s3, "misses"))
+
+
+@test
+def cache_flush_server_wide(t):
+    setup = t.session()
+    kek = new_kek(setup)
+    tab = new_table(setup, "flush")
+    run(setup, "INSERT INTO %s (p, v) VALUES ('flush-pii', enc('flush-pii', 'pii')), "
+               "('flush-x', enc('flush-x', %%s))" % tab, (kek,))
+    dec_p = "SELECT dec_text(v) FROM %s WHERE p = 'flush-pii'" % tab
+    dec_x = "SELECT dec_text(v) FROM %s WHERE p = 'flush-x'" % tab
+
+    a = t.session()
+    n = q1(a, "SELECT envelope.cache_flush()")
+    t.expect(isinstance(n, int) and n >= 0, "cache_flush() returned %r, expected a count" % (n,))
+    t.expect(stat(cache_stats(a), "entries") == 0, "entries is not 0 after cache_flush()")
+    k0 = kms_decrypts()
+    t.require(q1(a, dec_p) == "flush-pii" and q1(a, dec_x) == "flush-x", "wrong plaintext")
+    k1 = kms_decrypts()
+    t.expect(k1 - k0 == 2, "2 cold decrypts made %d KMS decrypt requests, expected 2" % (k1 - k0))
+    t.expect(stat(cache_stats(a), "entries") == 2, "entries = %d after decrypting values of two KEKs, expected 2"
+             % stat(cache_stats(a), "entries"))
+    n = q1(a, "SELECT envelope.cache_flush(%s)", (kek,))
+    t.expect(n == 1, "cache_flush(%r) returned %r, expected 1" % (kek, n))
+    t.expect(stat(cache_stats(a), "entries") == 1, "entries = %d after cache_flush(kek), expected 1"
+             % stat(cache_stats(a), "entries"))
+
+    b = t.session()
+    k2 = kms_decrypts()
+    t.require(q1(b, dec_p) == "flush-pii", "wrong plaintext")
+    k3 = kms_decrypts()
+    t.expect(k3 - k2 == 0, "session B: the pii key (not flushed) cost %d KMS requests, expected 0" % (k3 - k2))
+    t.require(q1(b, dec_x) == "flush-x", "wrong plaintext")
+    k4 = kms_decrypts()
+    t.expect(k4 - k3 == 1, "session B: the flushed KEK's key cost %d KMS requests, expected 1" % (k4 - k3))
+    n = q1(b, "SELECT envelope.cache_flush()")
+    t.expect(n == 2, "cache_flush() in session B returned %r, expected 2" % (n,))
+    t.require(q1(a, dec_p) == "flush-pii", "wrong plaintext")
+    k5 = kms_decrypts()
+    t.expect(k5 - k4 == 1, "session A after session B's cache_flush(): %d KMS requests, expected 1 "
+                           "(the flush must be server-wide)" % (k5 - k4))
+
+
+@test
+def dek_limits_are_global(t):
+    setup = t.session()
+    tab = new_table(setup, "uses", "id bigserial PRIMARY KEY, kek text, sess text, p text, v enc_bytea")
+    a, b = t.session(), t.session()
+    alter_system({"envelope.dek_max_uses": 100}, conns=(a, b))
+    ins = ("INSERT INTO " + tab + " (kek, sess, p, v) SELECT %s, %s, 'u' || g, enc('u' || g, %s) "
+           "FROM generate_series(1, %s) g")
+    wrapped = ("SELECT envelope.metadata(v)->>'wrapped_dek_b64' FROM " + tab +
+               " WHERE kek = %s AND sess = %s ORDER BY id")
+
+    # Deterministic: 30 values in A, 70 in B, then 1 in A: the first 100 share one data key.
+    k1 = new_kek(setup)
+    run(a, ins, (k1, "A1", k1, 30))
+    run(b, ins, (k1, "B", k1, 70))
+    run(a, ins, (k1, "A2", k1, 1))
+    wa1 = {r[0] for r in qall(setup, wrapped, (k1, "A1"))}
+    wb = {r[0] for r in qall(setup, wrapped, (k1, "B"))}
+    wa2 = {r[0] for r in qall(setup, wrapped, (k1, "A2"))}
+    t.expect(len(wa1) == 1 and wa1 == wb,
+             "dek_max_uses = 100: 30 values from session A and then 70 from session B use %d and %d data keys, "
+             "%s; expected one data key shared by both sessions" % (len(wa1), len(wb),
+                                                                   "shared" if wa1 & wb else "none shared"))
+    t.expect(not (wa2 & (wa1 | wb)), "the 101st value reused the data key that had encrypted 100 values")
+
+    # Concurrent: two sessions insert 1000 values each, in statements of 10 rows.
+    k2 = new_kek(setup)
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def writer(conn, sess):
+        try:
+            barrier.wait(10)
+            for _ in range(100):
+                run(conn, ins, (k2, sess, k2, 10))
+        except Exception as e:                      # reported below
+            errors.append("%s: %s" % (sess, e))
+
+    threads = [threading.Thread(target=writer, args=(c, s), daemon=True) for c, s in ((a, "A"), (b, "B"))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    t.require(not errors, "concurrent inserts failed: %s" % errors)
+    rows = qall(setup, "SELECT w, count(*), count(DISTINCT sess) FROM (SELECT envelope.metadata(v)->>"
+                       "'wrapped_dek_b64' w, sess FROM " + tab + " WHERE kek = %s) s GROUP BY w", (k2,))
+    total = sum(r[1] for r in rows)
+    t.require(total == 2000, "%d rows inserted, expected 2000" % total)
+    distinct = len(rows)
+    most = max(r[1] for r in rows)
+    both = sum(1 for r in rows if r[2] == 2)
+    t.note("2 x 1000 concurrent values: %d data keys, %d used by both sessions, at most %d values per key"
+           % (distinct, both, most))
+    t.expect(20 <= distinct <= 22, "2 x 1000 concurrent values with dek_max_uses = 100: %d distinct data keys, "
+                                   "expected 20..22" % distinct)
+    t.expect(most <= 100, "a data key encrypted %d values, more than dek_max_uses = 100" % most)
+    t.expect(both >= 1, "no data key was used by both sessions: the current data key is not shared")
+    bad = q1(setup, "SELECT count(*) FILTER (WHERE dec_text(v) IS DISTINCT FROM p) FROM " + tab)
+    t.expect(bad == 0, "%d values do not decrypt to their plaintext" % bad)
+
+    # dek_max_age holds across sessions too.
+    alter_system({"envelope.dek_max_age": 2}, conns=(a, b))
+    k3 = new_kek(setup)
+    enc1 = "SELECT enc('age', %s)::text"
+    va = dek_of(setup, q1(a, enc1, (k3,)))
+    t0 = time.monotonic()
+    vb = dek_of(setup, q1(b, enc1, (k3,)))
+    t.expect(va == vb, "dek_max_age = 2 s: sessions A and B encrypted within %.1f s with different data keys"
+             % (time.monotonic() - t0))
+    time.sleep(max(0.0, 2.3 - (time.monotonic() - t0)))
+    vb2 = dek_of(setup, q1(b, enc1, (k3,)))
+    va2 = dek_of(setup, q1(a, enc1, (k3,)))
+    t.expect(vb2 != va, "dek_max_age = 2 s: after 2.3 s session B still used the old data key")
+    t.expect(va2 == vb2, "after the data key aged out, sessions A and B use different new data keys")
+    restore_settings(["envelope.dek_max_uses", "envelope.dek_max_age"])
+
+
+@test
+def rotate_kek_all_backends(t):
+    setup = t.session()
+    kek = new_kek(setup)
+    a, b = t.session(), t.session()
+    enc1 = "SELECT enc('rotate-me', %s)::text"
+    va1 = q1(a, enc1, (kek,))
+    vb1 = q1(b, enc1, (kek,))
+    da1, db1 = dek_of(setup, va1), dek_of(setup, vb1)
+    t.expect(da1[0] == 1 and db1[0] == 1, "KEK versions before rotation: %d, %d" % (da1[0], db1[0]))
+    t.expect(da1 == db1, "sessions A and B encrypted under different current data keys before rotation")
+    t.require(q1(a, "SELECT envelope.rotate_kek(%s)", (kek,)) == 2, "rotate_kek() did not return 2")
+    vb2 = q1(b, enc1, (kek,))
+    db2 = dek_of(setup, vb2)
+    t.expect(db2[0] == 2, "session B's next enc() after rotate_kek() in session A used KEK version %d, "
+                          "expected 2" % db2[0])
+    t.expect(db2[1] != db1[1], "session B kept using the retired data key after rotate_kek()")
+    da2 = dek_of(setup, q1(a, enc1, (kek,)))
+    dc2 = dek_of(setup, q1(t.session(), enc1, (kek,)))
+    t.expect(da2 == db2 == dc2, "after rotation sessions A, B and a new session C use different data keys: "
+                                "versions %d/%d/%d" % (da2[0], db2[0], dc2[0]))
+    for v in (va1, vb1, vb2):
+        t.expect(q1(setup, "SELECT dec_text(%s::enc_bytea)", (v,)) == "rotate-me", "a value does not decrypt")
+
+
+@test
+def ttl_expiry_and_sweeper(t):
+    setup = t.session()
+    tab = new_table(setup, "ttl")
+    run(setup, "INSERT INTO %s (p, v) VALUES ('ttl', enc('ttl'))" % tab)
+    a = t.session()                                  # exists before the reload
+    alter_system({"envelope.cache_ttl": 2}, conns=(a,))
+    sql = "SELECT dec_text(v) FROM %s" % tab
+    run(a, "SELECT envelope.cache_flush()")
+    s0 = cache_stats(a)
+    k0 = kms_decrypts()
+    t.require(q1(a, sql) == "ttl", "wrong plaintext")
+    put = time.monotonic()
+    t.require(q1(a, sql) == "ttl", "wrong plaintext")
+    k1 = kms_decrypts()
+    s1 = cache_stats(a)
+    t.expect(k1 - k0 == 1, "two decrypts within the TTL made %d KMS requests, expected 1" % (k1 - k0))
+    t.expect(stat(s1, "entries") == 1, "entries = %d, expected 1" % stat(s1, "entries"))
+    # No traffic at all until the entry must have been swept (TTL 2 s + sweep about every second).
+    time.sleep(max(0.0, 3.6 - (time.monotonic() - put)))
+    s2 = cache_stats(t.session())
+    t.expect(stat(s2, "entries") == 0, "entries = %d 3.6 s after the only entry was cached with cache_ttl = 2 "
+                                       "and no traffic: the sweeper did not wipe it" % stat(s2, "entries"))
+    t.expect(delta(s1, s2, "expirations") >= 1, "expirations grew by %d, expected >= 1"
+             % delta(s1, s2, "expirations"))
+    t.require(q1(a, sql) == "ttl", "wrong plaintext")
+    k2 = kms_decrypts()
+    t.expect(k2 - k1 == 1, "decrypt after expiry made %d KMS requests, expected 1" % (k2 - k1))
+    t.expect(delta(s0, cache_stats(a), "misses") == 2, "misses grew by %d, expected 2 (cold, then expired)"
+             % delta(s0, cache_stats(a), "misses"))
+    restore_settings(["envelope.cache_ttl"])
+
+
+@test
+def kms_retries(t):
+    setup = t.session()
+    tab = new_table(setup, "retry")
+    run(setup, "INSERT INTO %s (p, v) VALUES ('retry', enc('retry'))" % tab)
+    sql = "SELECT dec_text(v) FROM %s" % tab
+    a = t.session()
+    t.expect(setting(a, "envelope.kms_retries") == "2", "envelope.kms_retries is %r, expected the default 2"
+             % setting(a, "envelope.kms_retries"))
+
+    # Two 503s, then success: 2 retries, 3 requests.
+    run(a, "SELECT envelope.cache_flush()")
+    s0, k0 = cache_stats(a), kms_decrypts()
+    set_fault("503", 2)
+    try:
+        got = q1(a, sql)
+    except psycopg2.Error as e:
+        got = None
+        t.expect(False, "fault 503 x 2 with kms_retries = 2: dec failed: %s" % describe(e))
+    set_fault("none")
+    s1, k1 = cache_stats(a), kms_decrypts()
+    t.expect(got in (None, "retry"), "wrong plaintext")
+    t.expect(delta(s0, s1, "kms_retries") == 2, "fault 503 x 2: cache_stats().kms_retries grew by %d, "
+                                                "expected 2" % delta(s0, s1, "kms_retries"))
+    t.expect(k1 - k0 == 3, "fault 503 x 2: the KMS got %d decrypt requests, expected 3" % (k1 - k0))
+
+    # 429 is retried too.
+    run(a, "SELECT envelope.cache_flush()")
+    s0, k0 = cache_stats(a), kms_decrypts()
+    set_fault("429", 1)
+    err, el = t.failing(a, sql)
+    set_fault("none")
+    s1, k1 = cache_stats(a), kms_decrypts()
+    t.expect(err is None, "fault 429 x 1 with kms_retries = 2: dec failed: %s" % describe(err))
+    t.expect(k1 - k0 == 2 and delta(s0, s1, "kms_retries") == 1,
+             "fault 429 x 1: %d KMS requests and %d retries, expected 2 and 1"
+             % (k1 - k0, delta(s0, s1, "kms_retries")))
+
+    # A refused connection is retried: the KMS comes back 0.2 s into the statement.
+    alter_system({"envelope.kms_retries": 10}, conns=(a,))
+    run(a, "SELECT envelope.cache_flush()")
+    s0 = cache_stats(a)
+    set_fault("refuse")
+    timer = threading.Timer(0.2, set_fault, ("none",))
+    timer.start()
+    err, el = t.failing(a, sql)
+    timer.join()
+    s1 = cache_stats(a)
+    t.expect(err is None, "KMS refusing connections for 0.2 s with kms_retries = 10: dec failed after %.2f s: %s"
+             % (el, describe(err)))
+    t.expect(delta(s0, s1, "kms_retries") >= 1, "refused connection: kms_retries grew by %d, expected >= 1"
+             % delta(s0, s1, "kms_retries"))
+
+    # statement_timeout bounds the retries.
+    run(a, "SELECT envelope.cache_flush()")
+    run(a, "SET statement_timeout = '1s'")
+    set_fault("503")
+    err, el = t.failing(a, sql)
+    set_fault("none")
+    run(a, "SET statement_timeout = %s", (SAFETY_TIMEOUT,))
+    t.expect(err is not None and err.pgcode in ("57014", "08006"),
+             "fault 503 with kms_retries = 10 and statement_timeout = 1s: %s, expected 57014 or 08006"
+             % describe(err))
+    t.expect(el < 1.6, "fault 503 with kms_retries = 10 and statement_timeout = 1s: failed after %.2f s, "
+                       "expected ~1.5 s at most" % el)
+    t.note("503 with statement_timeout = 1s: %s after %.2f s" % (err.pgcode if err else "ok", el))
+
+    # kms_retries = 0: the first 503 is final.
+    alter_system({"envelope.kms_retries": 0}, conns=(a,))
+    run(a, "SELECT envelope.cache_flush()")
+    k0 = kms_decrypts()
+    set_fault("503", 2)
+    err, el = t.failing(a, sql)
+    set_fault("none")
+    k1 = kms_decrypts()
+    t.expect(err is not None and err.pgcode == "08006", "fault 503 x 2 with kms_retries = 0: %s, expected 08006"
+             % describe(err))
+    t.expect(k1 - k0 == 1, "kms_retries = 0: the KMS got %d decrypt requests, expected 1" % (k1 - k0))
+    t.expect(q1(a, sql) == "retry", "the session does not decrypt after the fault is cleared")
+    restore_settings(["envelope.kms_retries"])
+
+
+@test
+def outage_grace(t):
+    setup = t.session()
+    kek = new_kek(setup)
+    tab = new_table(setup, "grace")
+    run(setup, "INSERT INTO %s (p, v) SELECT 'grace-' || g, enc('grace-' || g, %%s) "
+               "FROM generate_series(1, 50) g" % tab, (kek,))
+    t.require(q1(setup, "SELECT count(DISTINCT envelope.metadata(v)->>'wrapped_dek_b64') FROM %s" % tab) == 1,
+              "the 50 values do not share one data key")
+    one_sql = "SELECT dec_text(v) FROM %s WHERE p = 'grace-1'" % tab
+    all_sql = "SELECT count(*) FILTER (WHERE dec_text(v) = p) FROM %s" % tab
+    a = t.session()
+    alter_system({"envelope.cache_ttl": 2, "envelope.kms_outage_grace": 0}, conns=(a,))
+
+    def warm_then_expire(wait):
+        set_fault("none")
+        run(a, "SELECT envelope.cache_flush()")
+        t.require(q1(a, one_sql) == "grace-1", "wrong plaintext while warming the cache")
+        time.sleep(wait)
+
+    # grace = 0: an expired key is never used; the KMS is down: fail closed.
+    warm_then_expire(3.0)
+    set_fault("refuse")
+    err, _ = t.failing(a, one_sql)
+    set_fault("none")
+    t.expect(err is not None and err.pgcode == "08001",
+             "grace = 0, key expired, KMS refusing: %s, expected 08001" % describe(err))
+
+    # grace = 60: the expired key is used while the KMS is unreachable, logged once per statement.
+    alter_system({"envelope.kms_outage_grace": 60}, conns=(a,))
+    warm_then_expire(3.0)
+    set_fault("refuse")
+    s0 = cache_stats(a)
+    # Two statements, each decrypting 50 rows that share the expired key: one log message each.
+    for attempt in (1, 2):
+        off = log_size()
+        try:
+            ok = q1(a, all_sql)
+        except psycopg2.Error as e:
+            t.expect(False, "grace = 60, key expired, KMS refusing: statement %d failed: %s, expected all 50 "
+                            "rows to decrypt from the stale key" % (attempt, describe(e)))
+            break
+        time.sleep(0.3)
+        lines = stale_log_entries(off)
+        t.expect(ok == 50, "stale key: %d of 50 rows decrypt correctly" % ok)
+        t.expect(len(lines) == 1, "statement %d decrypting 50 rows with a stale key wrote %d log messages "
+                                  "containing \"expired\" and \"KMS\", expected exactly 1: %s"
+                 % (attempt, len(lines), [x[1][:200] for x in lines[:3]]))
+    set_fault("none")
+    s1 = cache_stats(a)
+    t.expect(delta(s0, s1, "stale_uses") > 0, "stale_uses grew by %d while decrypting with an expired key"
+             % delta(s0, s1, "stale_uses"))
+
+    # grace = 60 but the KMS denies access (not an outage): no stale keys.
+    warm_then_expire(3.0)
+    set_fault("badtoken")
+    s0 = cache_stats(a)
+    err, _ = t.failing(a, one_sql)
+    set_fault("none")
+    t.expect(err is not None and err.pgcode == "28000",
+             "grace = 60, key expired, KMS answers 403: %s, expected 28000" % describe(err))
+    t.expect(delta(s0, cache_stats(a), "stale_uses") == 0, "a stale key was used although the KMS denied access")
+
+    # Past the grace window: fail closed again.
+    alter_system({"envelope.kms_outage_grace": 2}, conns=(a,))
+    warm_then_expire(5.0)
+    set_fault("refuse")
+    err, _ = t.failing(a, one_sql)
+    set_fault("none")
+    t.expect(err is not None and err.pgcode == "08001",
+             "grace = 2, key expired 3 s ago (ttl + grace passed), KMS refusing: %s, expected 08001"
+             % describe(err))
+    restore_settings(["envelope.cache_ttl", "envelope.kms_outage_grace"])
+
+
+@test
+def cancel_hanging_kms(t):
+    setup = t.session()
+    tab = new_table(setup, "cancel")
+    run(setup, "INSERT INTO %s (p, v) VALUES ('cancel', enc('cancel'))" % tab)
+    a, b = t.session(), t.session()
+    pid = q1(a, "SELECT pg_backend_pid()")
+    run(a, "SELECT envelope.cache_flush()")
+    k0 = kms_decrypts()
+    set_fault("hang")
+    out = {}
+
+    def query():
+        try:
+            out["rows"] = qall(a, "SELECT dec_text(v) FROM %s" % tab)
+        except psycopg2.Error as e:
+            out["error"] = e
+        out["end"] = time.monotonic()
+
+    th = threading.Thread(target=query, daemon=True)
+    th.start()
+    time.sleep(0.5)
+    t.expect(kms_decrypts() > k0, "the decrypt request had not reached the KMS after 0.5 s")
+    t.require(th.is_alive(), "the query ended although the KMS hangs: %r" % out)
+    start = time.monotonic()
+    t.require(q1(b, "SELECT pg_cancel_backend(%s)", (pid,)), "pg_cancel_backend() returned false")
+    th.join(5)
+    set_fault("none")
+    t.require(not th.is_alive(), "pg_cancel_backend() did not end the hung KMS call within 5 s")
+    el = out["end"] - start
+    t.expect("rows" not in out, "the cancelled query returned rows")
+    t.expect(out.get("error") is not None and out["error"].pgcode == "57014",
+             "cancelled query: %s, expected 57014" % describe(out.get("error")))
+    t.expect(el < 1.0, "the cancel took %.2f s, expected < 1 s" % el)
+    t.expect(q1(a, "SELECT dec_text(v) FROM %s" % tab) == "cancel", "the session does not decrypt after cancel")
+
+
+@test
+def parallel_scan(t):
+    rows = int(os.environ.get("ENVELOPE_TEST_PARALLEL_ROWS", "1000000"))
+    c = t.session(statement_timeout="120s")
+    tab = new_table(c, "par", "id int, v enc_bytea", unlogged=True)
+    run(c, "SET envelope.dek_max_uses = 100000")
+    t0 = time.monotonic()
+    run(c, "INSERT INTO %s SELECT g, enc('row-' || g) FROM generate_series(1, %d) g" % (tab, rows))
+    run(c, "ANALYZE %s" % tab)
+    t1 = time.monotonic()
+    for s in ("max_parallel_workers_per_gather = 4", "parallel_setup_cost = 0", "parallel_tuple_cost = 0",
+              "min_parallel_table_scan_size = 0"):
+        run(c, "SET " + s)
+    k = q1(c, "SELECT count(*) FROM (SELECT envelope.metadata(v)->>'wrapped_dek_b64' FROM %s GROUP BY 1) s"
+           % tab)
+    t2 = time.monotonic()
+    t.note("%d rows in %.1f s, %d data keys (counted in %.1f s)" % (rows, t1 - t0, k, t2 - t1))
+    query = "SELECT count(*) FILTER (WHERE dec_text(v) = 'row-' || id) FROM %s" % tab
+
+    run(c, "SELECT envelope.cache_flush()")
+    k0 = kms_decrypts()
+    plan = "\n".join(r[0] for r in qall(c, "EXPLAIN (ANALYZE) " + query))
+    k1 = kms_decrypts()
+    launched = [int(x) for x in re.findall(r"Workers Launched: (\d+)", plan)]
+    t.expect("Parallel Seq Scan" in plan, "no Parallel Seq Scan in the plan:\n" + plan)
+    t.expect(launched and launched[0] >= 1, "no parallel worker launched:\n" + plan)
+    t.expect(k1 - k0 == k, "EXPLAIN ANALYZE with %s worker(s): %d KMS decrypt requests for %d data keys, "
+                           "expected exactly %d" % (launched[0] if launched else "no", k1 - k0, k, k))
+
+    run(c, "SELECT envelope.cache_flush()")
+    k0 = kms_decrypts()
+    t3 = time.monotonic()
+    ok = q1(c, query)
+    t4 = time.monotonic()
+    k1 = kms_decrypts()
+    t.note("parallel decrypt of %d rows in %.1f s, %s worker(s) launched" % (rows, t4 - t3, launched))
+    t.expect(ok == rows, "%d of %d rows decrypted correctly" % (ok, rows))
+    t.expect(k1 - k0 == k, "parallel count: %d KMS decrypt requests for %d data keys, expected exactly %d"
+             % (k1 - k0, k, k))
+    run(c, "DROP TABLE %s" % tab)
+
+
+@test
+def cache_size_lru_eviction(t):
+    t.cleanups.append(lambda: restore_settings(["envelope.cache_size"]))
+    alter_system({"envelope.cache_size": 16})
+    restart_cluster()
+    a = t.session()
+    t.require(setting(a, "envelope.cache_size") == "16", "envelope.cache_size is %r after the restart"
+              % setting(a, "envelope.cache_size"))
+    cap = stat(cache_stats(a), "capacity")
+    t.expect(cap == 16, "capacity = %r with cache_size = 16" % cap)
+    kek = new_kek(a)
+    tab = new_table(a, "lru", "id int PRIMARY KEY, p text, v enc_bytea")
+    run(a, "SET envelope.dek_max_uses = 1")
+    run(a, "INSERT INTO %s SELECT g, 'lru-' || g, enc('lru-' || g, %%s) FROM generate_series(0, 39) g" % tab,
+        (kek,))
+    run(a, "RESET envelope.dek_max_uses")
+    n = q1(a, "SELECT count(DISTINCT envelope.metadata(v)->>'wrapped_dek_b64') FROM %s" % tab)
+    t.require(n == 40, "dek_max_uses = 1 gave %d data keys for 40 values" % n)
+    s = cache_stats(a)
+    t.expect(stat(s, "entries") <= cap, "entries = %d > capacity %d after 40 new data keys" % (s["entries"], cap))
+
+    all_sql = "SELECT count(*) FILTER (WHERE dec_text(v) = p) FROM %s" % tab
+    run(a, "SELECT envelope.cache_flush()")
+    s0, k0 = cache_stats(a), kms_decrypts()
+    t.expect(q1(a, all_sql) == 40, "not all 40 values decrypt with cache_size = 16")
+    s1, k1 = cache_stats(a), kms_decrypts()
+    t.expect(stat(s1, "entries") <= cap, "entries = %d > capacity %d" % (s1["entries"], cap))
+    t.expect(delta(s0, s1, "evictions") > 0, "40 data keys through a cache of 16: evictions grew by %d"
+             % delta(s0, s1, "evictions"))
+    t.expect(k1 - k0 == 40, "first pass: %d KMS decrypt requests for 40 data keys, expected 40" % (k1 - k0))
+    b = t.session()
+    t.expect(q1(b, all_sql) == 40, "second pass: not all 40 values decrypt")
+    s2, k2 = cache_stats(b), kms_decrypts()
+    t.expect(k2 - k1 >= 24, "second pass: %d KMS requests; at most 16 of 40 keys can be cached, expected >= 24"
+             % (k2 - k1))
+    t.expect(stat(s2, "entries") <= cap, "entries = %d > capacity %d" % (s2["entries"], cap))
+
+    # Least recently used, not first in: a key used again survives the next insertion.
+    run(a, "SELECT envelope.cache_flush()")
+    one = "SELECT dec_text(v) FROM " + tab + " WHERE id = %s"
+    for i in range(16):                             # fills the cache: keys 0..15
+        q1(a, one, (i,))
+    q1(a, one, (0,))                                # key 0 is now the most recently used
+    q1(a, one, (16,))                               # evicts the least recently used: key 1
+    k3 = kms_decrypts()
+    q1(a, one, (0,))
+    k4 = kms_decrypts()
+    t.expect(k4 - k3 == 0, "LRU: the key used just before an eviction was evicted (%d KMS request)" % (k4 - k3))
+    q1(a, one, (1,))
+    k5 = kms_decrypts()
+    t.expect(k5 - k4 == 1, "LRU: the least recently used key was not the one evicted (%d KMS requests)"
+             % (k5 - k4))
+    t.close()
+    restored = restore_settings(["envelope.cache_size"])
+    c = connect()
+    try:
+        t.expect(restored and setting(c, "envelope.cache_size") == "1024" and stat(cache_stats(c), "capacity") == 1024,
+                 "after RESET and restart: cache_size %r, capacity %r"
+                 % (setting(c, "envelope.cache_size"), cache_stats(c).get("capacity")))
+    finally:
+        c.close()
+
+
+@test
+def restart_empties_cache(t):
+    a = t.session()
+    tab = new_table(a, "restart")
+    run(a, "INSERT INTO %s (p, v) VALUES ('restart', enc('restart'))" % tab)
+    run(a, "SELECT envelope.cache_flush()")
+    t.require(q1(a, "SELECT dec_text(v) FROM %s" % tab) == "restart", "wrong plaintext")
+    s0 = cache_stats(a)
+    t.expect(stat(s0, "entries") > 0, "entries = 0 after a decrypt")
+    t.close()
+    restart_cluster()
+    b = t.session()
+    s1 = cache_stats(b)
+    t.expect(stat(s1, "entries") == 0, "entries = %d after a restart, expected 0" % s1["entries"])
+    nonzero = {n: s1.get(n) for n in COUNTER_COLUMNS if s1.get(n) != 0}
+    t.expect(not nonzero, "counters not reset by the restart: %s" % nonzero)
+    t.expect(s1.get("last_kms_error") is None, "last_kms_error is %r after a restart" % s1.get("last_kms_error"))
+    k0 = kms_decrypts()
+    t.expect(q1(b, "SELECT dec_text(v) FROM %s" % tab) == "restart", "wrong plaintext after the restart")
+    t.expect(kms_decrypts() - k0 == 1, "the first decrypt after a restart did not unwrap through the KMS")
+
+
+@test
+def not_preloaded_cluster(t):
+    c = t.session()
+    value = q1(c, "SELECT enc('not preloaded')::text")
+    send = bytes(q1(c, "SELECT enc_bytea_send(%s::enc_bytea)", (value,)))
+    latest = q1(c, "SELECT latest_version FROM envelope.kek WHERE name = 'pii'")
+    tmp = tempfile.mkdtemp(prefix="envelope-nopreload-")
+    data = os.path.join(tmp, "data")
+    log = os.path.join(tmp, "log")
+    port = free_port()
+    os.chmod(tmp, 0o755)
+    if os.geteuid() == 0:
+        shutil.chown(tmp, "postgres", "postgres")
+
+    def stop_and_remove():
+        if os.path.exists(os.path.join(data, "postmaster.pid")):
+            subprocess.run(as_cluster_owner([PGBIN + "/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"]),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    t.cleanups.append(stop_and_remove)
+    r = subprocess.run(as_cluster_owner([PGBIN + "/initdb", "-D", data, "-U", "postgres", "--auth=trust",
+                                         "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"]),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    t.require(r.returncode == 0, "initdb failed: %s" % r.stdout[-500:])
+    with open(os.path.join(data, "postgresql.conf"), "a") as f:
+        f.write("\nport = %d\nlisten_addresses = ''\nunix_socket_directories = '%s'\n"
+                "shared_preload_libraries = ''\nfsync = off\nmax_connections = 10\n" % (port, tmp))
+    r = subprocess.run(as_cluster_owner([PGBIN + "/pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "start"]),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    t.require(r.returncode == 0, "the second cluster did not start: %s" % r.stdout[-500:])
+    o = t.session(host=tmp, port=port, dbname="postgres")
+    t.require(q1(o, "SHOW shared_preload_libraries") == "", "shared_preload_libraries is set")
+    err, _ = t.failing(o, "CREATE EXTENSION envelope")
+    t.require(err is None, "CREATE EXTENSION envelope without preloading failed: %s" % describe(err))
+    # Register the KEK directly (create_kek would need the KMS), so that no "unknown KEK" error can
+    # stand in for the missing preload.
+    err, _ = t.failing(o, "INSERT INTO envelope.kek (name, provider, key_ref, latest_version) "
+                          "VALUES ('pii', 'vault', 'pii', %s)", (latest,))
+    if err is not None:
+        t.note("could not register KEK pii by INSERT: %s" % describe(err))
+    for sql, args in (("SELECT enc('x', 'pii')", None),
+                      ("SELECT dec_text(%s::enc_bytea)", (value,)),
+                      ("SELECT * FROM envelope.cache_stats()", None)):
+        err, _ = t.failing(o, sql, args)
+        shown = sql.replace("%s", "'enc:...'")
+        if not t.expect(err is not None, "%s succeeded without shared_preload_libraries" % shown):
+            continue
+        t.expect(err.pgcode == "55000", "%s: %s, expected 55000" % (shown, describe(err)))
+        text = (err.diag.message_primary or "") + " " + (err.diag.message_hint or "")
+        t.expect("shared_preload_libraries" in text,
+                 "%s: the error does not mention shared_preload_libraries in its message or hint: %s"
+                 % (shown, describe(err)))
+    # The type's I/O works without the library preloaded (dump/restore).
+    err, _ = t.failing(o, "CREATE TABLE io_t (v enc_bytea)")
+    t.require(err is None, "CREATE TABLE with enc_bytea failed: %s" % describe(err))
+    err, _ = t.failing(o, "INSERT INTO io_t VALUES (%s::enc_bytea)", (value,))
+    t.expect(err is None, "text input of a valid enc_bytea failed: %s" % describe(err))
+    if err is None:
+        t.expect(q1(o, "SELECT v::text FROM io_t") == value, "text output differs from the input")
+        t.expect(bytes(q1(o, "SELECT enc_bytea_send(v) FROM io_t")) == send,
+                 "binary output differs from the preloaded cluster's")
+        buf = __import__("io").BytesIO()
+        with o.cursor() as cur:
+            cur.copy_expert("COPY io_t TO STDOUT (FORMAT binary)", buf)
+            buf.seek(0)
+            cur.copy_expert("COPY io_t FROM STDIN (FORMAT binary)", buf)
+        t.expect(q1(o, "SELECT count(DISTINCT v::text) FROM io_t") == 1 and q1(o, "SELECT count(*) FROM io_t") == 2,
+                 "binary COPY round trip changed the value")
+    o.close()
+    t.conns.remove(o)
+
+
+@test
+def pgbench_mixed_load(t):
+    n = 10000
+    c = t.session(statement_timeout="120s")
+    tab = new_table(c, "bench", "id bigserial PRIMARY KEY, v enc_bytea")
+    alter_system({"envelope.dek_max_uses": 1000})
+    run(c, "INSERT INTO %s (v) SELECT enc('bench-' || g) FROM generate_series(1, %d) g" % (tab, n))
+    run(c, "VACUUM ANALYZE %s" % tab)
+    s0, k0 = cache_stats(c), admin("GET", "/stats")["requests"]
+    tmp = tempfile.mkdtemp(prefix="envelope-pgbench-")
+    t.cleanups.append(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    script = os.path.join(tmp, "mixed.sql")
+    with open(script, "w") as f:
+        f.write("\\set id random(1, %d)\n"
+                "INSERT INTO %s (v) VALUES (enc(:payload));\n"
+                "SELECT dec_text(v) FROM %s WHERE id = :id;\n" % (n, tab, tab))
+    cmd = [PGBIN + "/pgbench", "-n", "-c", "8", "-j", "8", "-T", "30", "-f", script,
+           "-D", "payload='pgbench payload 4111-1111-1111-1111'", os.environ["PGDATABASE"]]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    out = r.stdout
+    tps = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
+    failed = re.search(r"number of failed transactions: (\d+)", out)
+    t.expect(r.returncode == 0, "pgbench exited with %d:\n%s" % (r.returncode, out[-1500:]))
+    t.expect(failed is None or int(failed.group(1)) == 0,
+             "pgbench reported %s failed transactions" % (failed.group(1) if failed else "?"))
+    t.expect(tps is not None and float(tps.group(1)) > 0, "pgbench reported no positive tps:\n" + out[-1500:])
+    s1, k1 = cache_stats(c), admin("GET", "/stats")["requests"]
+    rows = qall(c, "SELECT w, count(*) FROM (SELECT envelope.metadata(v)->>'wrapped_dek_b64' w FROM %s "
+                   "WHERE id > %d) s GROUP BY w" % (tab, n))
+    inserted = sum(x[1] for x in rows)
+    t.note("pgbench: %s tps, %d values inserted under %d data keys; KMS datakey %d, decrypt %d; hits %d, misses %d"
+           % (tps.group(1) if tps else "?", inserted, len(rows), k1["datakey"] - k0["datakey"],
+              k1["decrypt"] - k0["decrypt"], delta(s0, s1, "hits"), delta(s0, s1, "misses")))
+    print("      pgbench tps = %s" % (tps.group(1) if tps else "?"))
+    t.expect(inserted > 0 and len(rows) >= 2, "pgbench inserted %d values under %d data keys; expected new data "
+                                              "keys during the run" % (inserted, len(rows)))
+    t.expect(max([x[1] for x in rows] or [0]) <= 1000, "a data key encrypted %d values, more than dek_max_uses = 1000"
+             % max([x[1] for x in rows] or [0]))
+    bad = q1(c, "SELECT count(*) FILTER (WHERE dec_text(v) IS DISTINCT FROM 'pgbench payload 4111-1111-1111-1111') "
+                "FROM (SELECT v FROM %s WHERE id > %d ORDER BY id DESC LIMIT 2000) s" % (tab, n))
+    t.expect(bad == 0, "%d of the last 2000 values inserted by pgbench do not decrypt" % bad)
+    run(c, "DROP TABLE %s" % tab)
+    restore_settings(["envelope.dek_max_uses"])
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+def cleanup_all():
+    """Undo everything, whatever state the run ended in."""
+    problems = []
+    for step in (lambda: set_fault("none"),
+                 lambda: None if cluster_running() else start_cluster(),
+                 lambda: restore_settings(),
+                 drop_created):
+        try:
+            step()
+        except BaseException as e:
+            problems.append(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    return problems
+
+
+def drop_created():
+    c = connect()
+    try:
+        for tab in CREATED_TABLES:
+            run(c, "DROP TABLE IF EXISTS %s" % tab)
+        if CREATED_KEKS:
+            run(c, "DELETE FROM envelope.kek WHERE name = ANY(%s)", (CREATED_KEKS,))
+    finally:
+        c.close()
+
+
+def main(argv):
+    try:
+        require_env()
+    except RuntimeError as e:
+        print("test_cache: %s" % e, file=sys.stderr)
+        return 2
+
+    def on_term(signum, frame):
+        raise Interrupted("signal %d" % signum)
+    signal.signal(signal.SIGTERM, on_term)
+
+    selected = [f for f in TESTS if not argv[1:] or f.__name__ in argv[1:]]
+    unknown = set(argv[1:]) - {f.__name__ for f in TESTS}
+    if unknown:
+        print("test_cache: unknown test(s) %s; known: %s" % (sorted(unknown), [f.__name__ for f in TESTS]),
+              file=sys.stderr)
+        return 2
+
+    failed = []
+    start_all = time.monotonic()
+    try:
+        set_fault("none")
+        c = connect()
+        try:
+            for name, value in qall(c, "SELECT name, setting FROM pg_file_settings "
+                                       "WHERE sourcefile LIKE '%%/postgresql.auto.conf' AND name = ANY(%s)",
+                                    (list(TOUCHABLE),)):
+                ORIGINAL_AUTO_CONF[name] = value
+        finally:
+            c.close()
+        if ORIGINAL_AUTO_CONF:
+            print("note: postgresql.auto.conf already sets %s; kept as the values to restore" % ORIGINAL_AUTO_CONF)
+        for fn in selected:
+            t = T(fn.__name__)
+            t0 = time.monotonic()
+            try:
+                fn(t)
+            except Failure as e:
+                t.problems.append(str(e))
+            except Exception as e:
+                t.problems.append("%s: %s" % (type(e).__name__, str(e).strip()))
+                t.notes.append(traceback.format_exc().rstrip())
+            finally:
+                try:
+                    set_fault("none")
+                except Exception as e:
+                    t.problems.append("could not reset the KMS fault mode: %s" % e)
+                t.close()
+                for cb in reversed(t.cleanups):
+                    try:
+                        cb()
+                    except Exception as e:
+                        t.problems.append("cleanup: %s" % e)
+                try:
+                    restore_settings()           # whatever the test left changed
+                except Exception as e:
+                    t.problems.append("restoring settings: %s" % e)
+            took = time.monotonic() - t0
+            if t.problems:
+                failed.append(fn.__name__)
+                print("FAIL  %s (%.2f s): %s" % (fn.__name__, took, t.problems[0]))
+                for p in t.problems[1:]:
+                    print("        also: %s" % p)
+            else:
+                print("PASS  %s (%.2f s)" % (fn.__name__, took))
+            for n in t.notes:
+                print("        note: %s" % n.replace("\n", "\n              "))
+            sys.stdout.flush()
+    except (KeyboardInterrupt, Interrupted) as e:
+        print("interrupted: %s" % (e or "KeyboardInterrupt"))
+        failed.append("(interrupted)")
+    finally:
+        problems = cleanup_all()
+        for p in problems:
+            print("cleanup problem: %s" % p)
+    print("%d test(s), %d failed, %.1f s%s" % (len(selected), len([f for f in failed if not f.startswith("(")]),
+                                               time.monotonic() - start_all,
+                                               (": " + ", ".join(failed)) if failed else ""))
+    return 1 if failed or problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
