@@ -11,7 +11,7 @@ EXTVERSION   = $(shell sed -n "s/^default_version[[:space:]]*=[[:space:]]*'\([^'
 
 MODULE_big   = envelope
 OBJS         = src/envelope.o src/format.o src/crypto.o src/keycache.o \
-               src/shmem.o src/sweeper.o src/authz.o \
+               src/shmem.o src/sweeper.o src/authz.o src/audit.o \
                src/kek.o src/kms.o src/kms_vault.o src/http.o src/jsonx.o \
                src/funcs.o
 DATA         = sql/$(EXTENSION)--$(EXTVERSION).sql

@@ -52,6 +52,9 @@ PG_FUNCTION_INFO_V1(envelope_rewrap);
 PG_FUNCTION_INFO_V1(envelope_metadata);
 PG_FUNCTION_INFO_V1(envelope_cache_flush);
 PG_FUNCTION_INFO_V1(envelope_cache_stats);
+PG_FUNCTION_INFO_V1(envelope_kek_of);
+PG_FUNCTION_INFO_V1(envelope_kek_version_of);
+PG_FUNCTION_INFO_V1(envelope_needs_rewrap);
 
 #define UNIX_EPOCH_OFFSET_USECS \
 	((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY)
@@ -498,6 +501,50 @@ envelope_metadata(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
 }
 
+/* envelope.kek_of(enc_bytea) returns text: the value's KEK name */
+Datum
+envelope_kek_of(PG_FUNCTION_ARGS)
+{
+	EnvValue	v;
+
+	env_parse_datum(PG_GETARG_VARLENA_PP(0), &v);
+	PG_RETURN_TEXT_P(cstring_to_text_with_len(v.kek.kek_name, v.kek.kek_name_len));
+}
+
+/* envelope.kek_version_of(enc_bytea) returns int: the value's KEK version */
+Datum
+envelope_kek_version_of(PG_FUNCTION_ARGS)
+{
+	EnvValue	v;
+
+	env_parse_datum(PG_GETARG_VARLENA_PP(0), &v);
+	PG_RETURN_INT32((int32) v.kek.kek_version);
+}
+
+/*
+ * envelope.needs_rewrap(enc_bytea, target text) returns bool: true if the
+ * value is not on the latest version of its KEK, or, with a target, not on
+ * the latest version of the target.  No KMS call; reads the registry.
+ */
+Datum
+envelope_needs_rewrap(PG_FUNCTION_ARGS)
+{
+	EnvValue	v;
+	KekInfo		target;
+	char	   *name;
+
+	env_require_shared();
+	env_parse_datum(PG_GETARG_VARLENA_PP(0), &v);
+	if (PG_ARGISNULL(1))
+		name = pnstrdup(v.kek.kek_name, v.kek.kek_name_len);
+	else
+		name = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	kek_lookup(name, &target, false);
+	PG_RETURN_BOOL(strlen(target.name) != (size_t) v.kek.kek_name_len ||
+				   memcmp(target.name, v.kek.kek_name, v.kek.kek_name_len) != 0 ||
+				   (int32) v.kek.kek_version < target.latest_version);
+}
+
 /* envelope.cache_flush(kek text) returns int: entries wiped */
 Datum
 envelope_cache_flush(PG_FUNCTION_ARGS)
@@ -513,8 +560,8 @@ Datum
 envelope_cache_stats(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[18];
-	bool		nulls[18];
+	Datum		values[19];
+	bool		nulls[19];
 	KeyCacheStats st;
 	int			i = 0;
 

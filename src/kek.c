@@ -32,12 +32,14 @@
 
 #include "envelope.h"
 #include "kek.h"
+#include "audit.h"
 #include "keycache.h"
 #include "shmem.h"
 
 PG_FUNCTION_INFO_V1(envelope_create_kek);
 PG_FUNCTION_INFO_V1(envelope_rotate_kek);
 PG_FUNCTION_INFO_V1(envelope_kek_changed);
+PG_FUNCTION_INFO_V1(envelope_kms_retire);
 
 static KekInfo *registry = NULL;
 static int	registry_count = 0;
@@ -248,6 +250,8 @@ envelope_create_kek(PG_FUNCTION_ARGS)
 							  5, types, values, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "could not insert into envelope.kek");
 	SPI_finish();
+	env_audit("kek_create", name, info.latest_version,
+			  psprintf("{\"provider\": \"%s\", \"key_ref\": \"%s\"}", provider_name, key_ref));
 	PG_RETURN_INT32(info.latest_version);
 }
 
@@ -284,7 +288,60 @@ envelope_rotate_kek(PG_FUNCTION_ARGS)
 
 	/* The KEK's current data key is now stale, in every backend. */
 	keycache_retire_current(name);
+	env_audit("kek_rotate", name, info.latest_version, NULL);
 	PG_RETURN_INT32(info.latest_version);
+}
+
+/*
+ * envelope._kms_retire(name, version): make the KMS refuse to decrypt with
+ * version and older (min_decryption_version = version + 1), then record it.
+ * Called by envelope.retire_kek_version() once no value uses those versions.
+ */
+Datum
+envelope_kms_retire(PG_FUNCTION_ARGS)
+{
+	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	int32		version = PG_GETARG_INT32(1);
+	KekInfo		kek;
+	KmsKeyInfo	info;
+	Datum		values[2];
+	Oid			types[2] = {TEXTOID, INT4OID};
+
+	env_require_shared();
+	kek_lookup(name, &kek, false);
+	kms_key_info(kek.provider, kek.key_ref, &info);
+	if (version < 1 || version >= info.latest_version)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("cannot retire version %d of KEK \"%s\"", version, name),
+				 errdetail("Only versions below the latest (%d) can be retired.", info.latest_version),
+				 errhint("Rotate the KEK first with envelope.rotate_kek().")));
+	if (version < info.min_decryption_version)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("version %d of KEK \"%s\" is already retired", version, name),
+				 errdetail("The KMS decrypts only versions %d and later.", info.min_decryption_version)));
+
+	kms_set_min_decryption_version(kek.provider, kek.key_ref, version + 1);
+	kms_key_info(kek.provider, kek.key_ref, &info);
+	if (info.min_decryption_version != version + 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("KMS did not retire version %d of key \"%s\"", version, kek.key_ref),
+				 errdetail("Its minimum decryption version is %d after the change.",
+						   info.min_decryption_version)));
+
+	values[0] = CStringGetTextDatum(name);
+	values[1] = Int32GetDatum(version + 1);
+	SPI_connect();
+	if (SPI_execute_with_args("UPDATE envelope.kek SET min_decryption_version = $2, retired_at = pg_catalog.now() "
+							  "WHERE name OPERATOR(pg_catalog.=) $1",
+							  2, types, values, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "could not update envelope.kek");
+	SPI_finish();
+	env_audit("kek_retire", name, version,
+			  psprintf("{\"min_decryption_version\": %d}", version + 1));
+	PG_RETURN_INT32(version + 1);
 }
 
 /*

@@ -21,7 +21,7 @@ static const KmsProvider *const providers[] = {
 };
 
 const char *const kms_op_names[KMS_NUM_OPS] = {
-	"key_info", "generate", "wrap", "unwrap", "rewrap", "rotate"
+	"key_info", "generate", "wrap", "unwrap", "rewrap", "rotate", "configure"
 };
 
 
@@ -101,4 +101,11 @@ void
 kms_rotate(const KmsProvider *p, const char *key_ref)
 {
 	COUNTED_CALL(KMS_OP_ROTATE, p->rotate(key_ref));
+}
+
+/* Retire the versions below min_version. */
+void
+kms_set_min_decryption_version(const KmsProvider *p, const char *key_ref, int32 min_version)
+{
+	COUNTED_CALL(KMS_OP_CONFIGURE, p->set_min_decryption_version(key_ref, min_version));
 }

@@ -60,6 +60,9 @@ typedef struct KmsProvider
 
 	/* Create a new version of the key. */
 	void		(*rotate) (const char *key_ref);
+
+	/* Refuse to decrypt with versions below min_version (retire them). */
+	void		(*set_min_decryption_version) (const char *key_ref, int32 min_version);
 } KmsProvider;
 
 /* KMS operations, for counting. */
@@ -71,6 +74,7 @@ typedef enum KmsOp
 	KMS_OP_UNWRAP,
 	KMS_OP_REWRAP,
 	KMS_OP_ROTATE,
+	KMS_OP_CONFIGURE,
 	KMS_NUM_OPS
 } KmsOp;
 
@@ -90,6 +94,8 @@ extern void kms_unwrap(const KmsProvider *p, const char *key_ref,
 extern void kms_rewrap(const KmsProvider *p, const char *key_ref,
 					   const KmsWrapped *in, KmsWrapped *out);
 extern void kms_rotate(const KmsProvider *p, const char *key_ref);
+extern void kms_set_min_decryption_version(const KmsProvider *p, const char *key_ref,
+										   int32 min_version);
 
 /* The providers. */
 extern const KmsProvider kms_vault_provider;

@@ -10,6 +10,7 @@
  *		POST decrypt/:name				unwrap
  *		POST rewrap/:name				rewrap to the latest version
  *		POST keys/:name/rotate			rotate
+ *		POST keys/:name/config			set_min_decryption_version
  *
  * Vault's ciphertext "vault:v<N>:<base64>" is stored in values as the KEK
  * version N plus the raw bytes behind the base64, and rebuilt for each call.
@@ -591,6 +592,19 @@ vault_rotate(const char *key_ref)
 	jsonx_wipe(a.fields, a.nfields);
 }
 
+/* set_min_decryption_version: POST keys/:name/config */
+static void
+vault_set_min_decryption_version(const char *key_ref, int32 min_version)
+{
+	VaultAnswer a;
+	StringInfoData body;
+
+	initStringInfo(&body);
+	appendStringInfo(&body, "{\"min_decryption_version\": %d}", min_version);
+	vault_call("POST", "keys", key_ref, "/config", &body, NULL, 0, 0, &a);
+	jsonx_wipe(a.fields, a.nfields);
+}
+
 const KmsProvider kms_vault_provider = {
 	.name = "vault",
 	.key_info = vault_key_info,
@@ -599,4 +613,5 @@ const KmsProvider kms_vault_provider = {
 	.unwrap = vault_unwrap,
 	.rewrap = vault_rewrap,
 	.rotate = vault_rotate,
+	.set_min_decryption_version = vault_set_min_decryption_version,
 };

@@ -77,6 +77,7 @@ COUNTER_COLUMNS = [n for n, t in STATS_COLUMNS if t == "bigint"]
 # Settings this test may change (ALTER SYSTEM), restored at the end.
 TOUCHABLE = ("envelope.cache_ttl", "envelope.cache_size", "envelope.dek_max_uses",
              "envelope.dek_max_age", "envelope.kms_retries", "envelope.kms_outage_grace")
+CRASH_SCAN_OFFSET = 0
 ORIGINAL_AUTO_CONF = {}                  # name -> value in postgresql.auto.conf at start
 TOUCHED = set()                          # names changed by ALTER SYSTEM during the run
 CREATED_KEKS = []
@@ -280,6 +281,19 @@ def restart_cluster():
             time.sleep(0.1)
 
 
+def wait_for_server(timeout=30.0):
+    """Wait until the dev cluster accepts connections (after a crash it reinitializes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            connect().close()
+            return True
+        except psycopg2.OperationalError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+
 def cluster_running():
     r = subprocess.run(as_cluster_owner([PGBIN + "/pg_ctl", "-D", pgdata(), "status"]),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -333,6 +347,38 @@ def log_entries(offset):
 def stale_log_entries(offset):
     return [(lvl, t) for lvl, t in log_entries(offset)
             if "expired" in t.lower() and "kms" in t.lower()]
+
+
+# A process killed by a signal (a crash).  Exit code 1 is not matched: parallel workers exit
+# with 1 after an ERROR, and the logical replication launcher at every shutdown.
+CRASH_RE = re.compile(r"(server process|background worker|worker process).*"
+                      r"(terminated by signal|terminated by exception)")
+CRASHES = []                             # (line, following DETAIL line) of every crash seen
+
+
+def crash_count():
+    """Server processes that died abnormally since the run started (from the server log)."""
+    global CRASH_SCAN_OFFSET
+    try:
+        with open(os.environ["ENVELOPE_DEV_LOG"], "rb") as f:
+            f.seek(CRASH_SCAN_OFFSET)
+            data = f.read()
+    except OSError:
+        return len(CRASHES)
+    # Only whole lines; a partial last line is read again next time.
+    end = data.rfind(b"\n") + 1
+    CRASH_SCAN_OFFSET += end
+    lines = data[:end].decode("utf-8", "replace").splitlines()
+    for i, line in enumerate(lines):
+        if CRASH_RE.search(line):
+            detail = lines[i + 1] if i + 1 < len(lines) and "DETAIL:" in lines[i + 1] else ""
+            CRASHES.append(line[line.find("LOG:") + 4:].strip() + (" / " + detail[detail.find("DETAIL:") + 7:].strip()
+                                                                   if detail else ""))
+    return len(CRASHES)
+
+
+def crash_lines(n):
+    return CRASHES[-n:]
 
 
 def free_port():
@@ -819,8 +865,9 @@ def outage_grace(t):
     # grace = 0: an expired key is never used; the KMS is down: fail closed.
     warm_then_expire(3.0)
     set_fault("refuse")
-    err, _ = t.failing(a, one_sql)
+    err, el = t.failing(a, one_sql)
     set_fault("none")
+    t.note("grace = 0, refused: %s after %.2f s" % (err.pgcode if err else "success", el))
     t.expect(err is not None and err.pgcode == "08001",
              "grace = 0, key expired, KMS refusing: %s, expected 08001" % describe(err))
 
@@ -832,8 +879,10 @@ def outage_grace(t):
     # Two statements, each decrypting 50 rows that share the expired key: one log message each.
     for attempt in (1, 2):
         off = log_size()
+        st = time.monotonic()
         try:
             ok = q1(a, all_sql)
+            t.note("grace = 60, refused, statement %d: %.2f s" % (attempt, time.monotonic() - st))
         except psycopg2.Error as e:
             t.expect(False, "grace = 60, key expired, KMS refusing: statement %d failed: %s, expected all 50 "
                             "rows to decrypt from the stale key" % (attempt, describe(e)))
@@ -853,8 +902,9 @@ def outage_grace(t):
     warm_then_expire(3.0)
     set_fault("badtoken")
     s0 = cache_stats(a)
-    err, _ = t.failing(a, one_sql)
+    err, el = t.failing(a, one_sql)
     set_fault("none")
+    t.note("grace = 60, badtoken: %s after %.2f s" % (err.pgcode if err else "success", el))
     t.expect(err is not None and err.pgcode == "28000",
              "grace = 60, key expired, KMS answers 403: %s, expected 28000" % describe(err))
     t.expect(delta(s0, cache_stats(a), "stale_uses") == 0, "a stale key was used although the KMS denied access")
@@ -863,8 +913,9 @@ def outage_grace(t):
     alter_system({"envelope.kms_outage_grace": 2}, conns=(a,))
     warm_then_expire(5.0)
     set_fault("refuse")
-    err, _ = t.failing(a, one_sql)
+    err, el = t.failing(a, one_sql)
     set_fault("none")
+    t.note("grace = 2, past the window, refused: %s after %.2f s" % (err.pgcode if err else "success", el))
     t.expect(err is not None and err.pgcode == "08001",
              "grace = 2, key expired 3 s ago (ttl + grace passed), KMS refusing: %s, expected 08001"
              % describe(err))
@@ -927,20 +978,30 @@ def parallel_scan(t):
     t.note("%d rows in %.1f s, %d data keys (counted in %.1f s)" % (rows, t1 - t0, k, t2 - t1))
     query = "SELECT count(*) FILTER (WHERE dec_text(v) = 'row-' || id) FROM %s" % tab
 
+    plan = "\n".join(r[0] for r in qall(c, "EXPLAIN " + query))
+    t.expect("Parallel Seq Scan" in plan, "no Parallel Seq Scan in the plan:\n" + plan)
     run(c, "SELECT envelope.cache_flush()")
     k0 = kms_decrypts()
-    plan = "\n".join(r[0] for r in qall(c, "EXPLAIN (ANALYZE) " + query))
-    k1 = kms_decrypts()
-    launched = [int(x) for x in re.findall(r"Workers Launched: (\d+)", plan)]
-    t.expect("Parallel Seq Scan" in plan, "no Parallel Seq Scan in the plan:\n" + plan)
-    t.expect(launched and launched[0] >= 1, "no parallel worker launched:\n" + plan)
-    t.expect(k1 - k0 == k, "EXPLAIN ANALYZE with %s worker(s): %d KMS decrypt requests for %d data keys, "
-                           "expected exactly %d" % (launched[0] if launched else "no", k1 - k0, k, k))
+    launched = []
+    try:
+        plan = "\n".join(r[0] for r in qall(c, "EXPLAIN (ANALYZE) " + query))
+    except psycopg2.Error as e:
+        t.expect(False, "EXPLAIN (ANALYZE) %s failed: %s, context %r" % (query, describe(e), e.diag.context))
+    else:
+        k1 = kms_decrypts()
+        launched = [int(x) for x in re.findall(r"Workers Launched: (\d+)", plan)]
+        t.expect("Parallel Seq Scan" in plan, "no Parallel Seq Scan in the EXPLAIN ANALYZE plan:\n" + plan)
+        t.expect(launched and launched[0] >= 1, "no parallel worker launched:\n" + plan)
+        t.expect(k1 - k0 == k, "EXPLAIN ANALYZE with %s worker(s): %d KMS decrypt requests for %d data keys, "
+                               "expected exactly %d" % (launched[0] if launched else "no", k1 - k0, k, k))
 
     run(c, "SELECT envelope.cache_flush()")
     k0 = kms_decrypts()
     t3 = time.monotonic()
-    ok = q1(c, query)
+    try:
+        ok = q1(c, query)
+    except psycopg2.Error as e:
+        raise Failure("%s failed: %s, context %r" % (query, describe(e), e.diag.context))
     t4 = time.monotonic()
     k1 = kms_decrypts()
     t.note("parallel decrypt of %d rows in %.1f s, %s worker(s) launched" % (rows, t4 - t3, launched))
@@ -1202,6 +1263,8 @@ def main(argv):
 
     failed = []
     start_all = time.monotonic()
+    global CRASH_SCAN_OFFSET
+    CRASH_SCAN_OFFSET = log_size()
     try:
         set_fault("none")
         c = connect()
@@ -1217,7 +1280,10 @@ def main(argv):
         for fn in selected:
             t = T(fn.__name__)
             t0 = time.monotonic()
+            crashes0 = crash_count()
             try:
+                if not wait_for_server():
+                    raise Failure("the dev cluster does not accept connections")
                 fn(t)
             except Failure as e:
                 t.problems.append(str(e))
@@ -1240,6 +1306,10 @@ def main(argv):
                 except Exception as e:
                     t.problems.append("restoring settings: %s" % e)
             took = time.monotonic() - t0
+            crashes = crash_count() - crashes0
+            if crashes:
+                t.problems.insert(0, "%d server process(es) crashed during this test: %s"
+                                  % (crashes, "; ".join(crash_lines(crashes))))
             if t.problems:
                 failed.append(fn.__name__)
                 print("FAIL  %s (%.2f s): %s" % (fn.__name__, took, t.problems[0]))
