@@ -401,6 +401,12 @@ BEGIN
 	IF NOT EXISTS (SELECT 1 FROM envelope.kek k WHERE k.name OPERATOR(pg_catalog.=) retire_kek_version.kek) THEN
 		RAISE EXCEPTION 'KEK "%" does not exist', retire_kek_version.kek USING ERRCODE = 'undefined_object';
 	END IF;
+	IF retire_kek_version.version OPERATOR(pg_catalog.>=) (
+		SELECT k.latest_version FROM envelope.kek k WHERE k.name OPERATOR(pg_catalog.=) retire_kek_version.kek) THEN
+		RAISE EXCEPTION 'cannot retire the latest version of KEK "%"', retire_kek_version.kek
+			USING ERRCODE = 'invalid_parameter_value',
+				  HINT = 'Rotate the KEK first with envelope.rotate_kek(), then rewrap.';
+	END IF;
 	SELECT pg_catalog.sum(u.value_count),
 		   pg_catalog.string_agg(pg_catalog.format('%s.%s has %s values on version %s',
 												   u.relation, u.column_name, u.value_count, u.kek_version), '; ')

@@ -533,6 +533,8 @@ envelope_needs_rewrap(PG_FUNCTION_ARGS)
 	KekInfo		target;
 	char	   *name;
 
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
 	env_require_shared();
 	env_parse_datum(PG_GETARG_VARLENA_PP(0), &v);
 	if (PG_ARGISNULL(1))

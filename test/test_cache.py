@@ -664,10 +664,12 @@ def dek_limits_are_global(t):
             errors.append("%s: %s" % (sess, e))
 
     threads = [threading.Thread(target=writer, args=(c, s), daemon=True) for c, s in ((a, "A"), (b, "B"))]
+    datakey0 = admin("GET", "/stats")["requests"]["datakey"]
     for th in threads:
         th.start()
     for th in threads:
         th.join(60)
+    datakeys = admin("GET", "/stats")["requests"]["datakey"] - datakey0
     t.require(not errors, "concurrent inserts failed: %s" % errors)
     rows = qall(setup, "SELECT w, count(*), count(DISTINCT sess) FROM (SELECT envelope.metadata(v)->>"
                        "'wrapped_dek_b64' w, sess FROM " + tab + " WHERE kek = %s) s GROUP BY w", (k2,))
@@ -676,8 +678,8 @@ def dek_limits_are_global(t):
     distinct = len(rows)
     most = max(r[1] for r in rows)
     both = sum(1 for r in rows if r[2] == 2)
-    t.note("2 x 1000 concurrent values: %d data keys, %d used by both sessions, at most %d values per key"
-           % (distinct, both, most))
+    t.note("2 x 1000 concurrent values: %d data keys, %d used by both sessions, at most %d values per key; "
+           "%d KMS datakey requests" % (distinct, both, most, datakeys))
     t.expect(20 <= distinct <= 22, "2 x 1000 concurrent values with dek_max_uses = 100: %d distinct data keys, "
                                    "expected 20..22" % distinct)
     t.expect(most <= 100, "a data key encrypted %d values, more than dek_max_uses = 100" % most)
