@@ -29,8 +29,6 @@
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
-#include <openssl/core_names.h>
-#include <openssl/params.h>
 #include <openssl/rand.h>
 
 #include "crypto.h"
@@ -84,10 +82,10 @@ env_random_bytes(uint8 *buf, int len)
  * implicit fetches (EVP_sha256(), HMAC(), EVP_CIPHER_CTX_new() per call)
  * take global locks and allocate on every call and dominated the per-value
  * cost; reusing prefetched algorithms and contexts removes that.  The
- * contexts are static, so an ERROR can never leak them.
+ * contexts are static, so an ERROR can never leak them.  HMAC is computed
+ * on the digest context directly (RFC 2104) for the same reason.
  */
 static EVP_MD *sha256_md = NULL;
-static EVP_MAC_CTX *hmac_ctx = NULL;
 static EVP_MD_CTX *md_ctx = NULL;
 static EVP_CIPHER *gcm_cipher = NULL;
 static EVP_CIPHER_CTX *gcm_ctx = NULL;
@@ -96,31 +94,23 @@ static EVP_CIPHER_CTX *gcm_ctx = NULL;
 static void
 crypto_init(void)
 {
-	EVP_MAC    *mac;
-	OSSL_PARAM	params[2];
-
 	if (gcm_ctx != NULL)
 		return;
 	sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
 	gcm_cipher = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
-	mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
-	if (sha256_md == NULL || gcm_cipher == NULL || mac == NULL)
-		crypto_error("load SHA-256, HMAC and AES-256-GCM");
-	hmac_ctx = EVP_MAC_CTX_new(mac);
-	EVP_MAC_free(mac);			/* the context keeps its own reference */
+	if (sha256_md == NULL || gcm_cipher == NULL)
+		crypto_error("load SHA-256 and AES-256-GCM");
 	md_ctx = EVP_MD_CTX_new();
-	params[0] = OSSL_PARAM_construct_utf8_string("digest", "SHA256", 0);
-	params[1] = OSSL_PARAM_construct_end();
-	if (hmac_ctx == NULL || md_ctx == NULL || EVP_MAC_CTX_set_params(hmac_ctx, params) != 1)
-		crypto_error("set up HMAC-SHA256");
+	if (md_ctx == NULL)
+		crypto_error("set up SHA-256");
 	gcm_ctx = EVP_CIPHER_CTX_new();
 	if (gcm_ctx == NULL)
 		crypto_error("set up AES-256-GCM");
 }
 
 /*
- * Overwrite the key state left in the reused contexts with an all-zero key,
- * so the last value key and PRK do not linger in ordinary heap memory.
+ * Overwrite the key state left in the reused contexts, so the last value
+ * key and HMAC state do not linger in ordinary heap memory.
  */
 static void
 crypto_scrub(void)
@@ -128,23 +118,49 @@ crypto_scrub(void)
 	static const uint8 zero[32] = {0};
 	static const uint8 zero_iv[ENV_NONCE_LEN] = {0};
 
-	(void) EVP_MAC_init(hmac_ctx, zero, sizeof(zero), NULL);
+	(void) EVP_DigestInit_ex2(md_ctx, sha256_md, NULL);
 	(void) EVP_EncryptInit_ex2(gcm_ctx, gcm_cipher, zero, zero_iv, NULL);
 	ERR_clear_error();
 }
 
-/* out = HMAC-SHA256(key, a || b); returns false on failure. */
+/* out = SHA-256(a || b || c) on the reused digest context. */
+static bool
+sha256_3(const uint8 *a, size_t alen, const uint8 *b, size_t blen,
+		 const uint8 *c, size_t clen, uint8 *out)
+{
+	unsigned int outl = 0;
+
+	return EVP_DigestInit_ex2(md_ctx, sha256_md, NULL) == 1 &&
+		EVP_DigestUpdate(md_ctx, a, alen) == 1 &&
+		(blen == 0 || EVP_DigestUpdate(md_ctx, b, blen) == 1) &&
+		(clen == 0 || EVP_DigestUpdate(md_ctx, c, clen) == 1) &&
+		EVP_DigestFinal_ex(md_ctx, out, &outl) == 1 && outl == 32;
+}
+
+/*
+ * out = HMAC-SHA256(key, a || b) (RFC 2104), for keys of at most 64 bytes,
+ * computed on the reused digest context: OpenSSL 3's EVP_MAC allocates and
+ * frees on every initialisation, which dominated the per-value cost.
+ */
 static bool
 hmac_sha256(const uint8 *key, size_t keylen, const uint8 *a, size_t alen,
 			const uint8 *b, size_t blen, uint8 *out)
 {
-	size_t		outl = 0;
+	uint8		pad[64];
+	uint8		inner[32];
+	bool		ok;
 
-	return EVP_MAC_init(hmac_ctx, key, keylen, NULL) == 1 &&
-		EVP_MAC_update(hmac_ctx, a, alen) == 1 &&
-		(blen == 0 || EVP_MAC_update(hmac_ctx, b, blen) == 1) &&
-		EVP_MAC_final(hmac_ctx, out, &outl, 32) == 1 &&
-		outl == 32;
+	Assert(keylen <= sizeof(pad));
+	memset(pad, 0x36, sizeof(pad));
+	for (size_t i = 0; i < keylen; i++)
+		pad[i] ^= key[i];
+	ok = sha256_3(pad, sizeof(pad), a, alen, b, blen, inner);
+	for (size_t i = 0; i < sizeof(pad); i++)
+		pad[i] ^= 0x36 ^ 0x5c;
+	ok = ok && sha256_3(pad, sizeof(pad), inner, sizeof(inner), NULL, 0, out);
+	env_wipe(pad, sizeof(pad));
+	env_wipe(inner, sizeof(inner));
+	return ok;
 }
 
 /* SHA-256 over several byte strings, concatenated. */
