@@ -221,6 +221,7 @@ decrypt_value(FunctionCallInfo fcinfo)
 	bytea	   *result;
 	volatile bool committed = false;
 	volatile bool opened = false;
+	volatile bool from_kms = false;
 
 	env_require_shared();
 	env_parse_datum(datum, &v);
@@ -233,13 +234,18 @@ decrypt_value(FunctionCallInfo fcinfo)
 
 	PG_TRY();
 	{
-		bool		from_kms = keycache_unwrap(&kek, &wrapped, dek);
-
+		from_kms = keycache_unwrap(&kek, &wrapped, dek);
 		env_derive_value_key(dek, v.salt, value_key, commit);
 		committed = env_equal_ct(commit, v.commit, ENV_COMMIT_LEN);
 		/* Cache a key from the KMS only once the commitment vouches for it. */
-		if (committed && from_kms)
-			keycache_put(&kek, &wrapped, dek);
+		if (from_kms)
+		{
+			if (committed)
+				keycache_put(&kek, &wrapped, dek);
+			else
+				keycache_abandon(&kek, &wrapped);
+			from_kms = false;
+		}
 		if (committed)
 			opened = env_open(value_key, v.nonce, v.header, ctx, ctx_len,
 							  v.ciphertext, v.ciphertext_len, v.tag,
@@ -249,6 +255,8 @@ decrypt_value(FunctionCallInfo fcinfo)
 	{
 		env_wipe(dek, sizeof(dek));
 		env_wipe(value_key, sizeof(value_key));
+		if (from_kms)
+			keycache_abandon(&kek, &wrapped);
 	}
 	PG_END_TRY();
 
@@ -331,10 +339,14 @@ rewrap_key(const EnvValue *v, const KekInfo *from, const KekInfo *target, KmsWra
 			/* Never wrap a wrong key under the target: check it first. */
 			env_derive_value_key(dek, v->salt, value_key, commit);
 			if (!env_equal_ct(commit, v->commit, ENV_COMMIT_LEN))
+			{
+				if (from_kms)
+					keycache_abandon(from, &in);
 				ereport(ERROR,
 						(errcode(ERRCODE_DATA_CORRUPTED),
 						 errmsg("could not rewrap value"),
 						 errdetail("The key commitment does not match: the value's wrapped data key or salt was modified, or the KMS returned a wrong key.")));
+			}
 			if (from_kms)
 				keycache_put(from, &in, dek);
 			kms_wrap(target->provider, target->key_ref, dek, out);

@@ -220,7 +220,7 @@ http_try(const HttpRequest *req, HttpResponse *resp, HttpError *err)
 	curl_easy_setopt(easy_handle, CURLOPT_PROXY, "");
 #if LIBCURL_VERSION_NUM >= 0x075700
 	/* Do not wait for a slow DNS lookup when a cancelled transfer is removed. */
-	curl_easy_setopt(multi_handle, CURLOPT_QUICK_EXIT, 1L);
+	curl_easy_setopt(easy_handle, CURLOPT_QUICK_EXIT, 1L);
 #endif
 	if (strcmp(req->method, "POST") == 0)
 	{

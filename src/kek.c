@@ -28,6 +28,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "access/xact.h"
 #include "storage/lmgr.h"
 
 #include "envelope.h"
@@ -101,7 +102,10 @@ registry_load(void)
 		plan = SPI_prepare("SELECT name, provider, key_ref, latest_version FROM envelope.kek",
 						   0, NULL);
 		if (plan == NULL ||
-			SPI_execute_snapshot(plan, NULL, NULL, GetLatestSnapshot(), InvalidSnapshot,
+			SPI_execute_snapshot(plan, NULL, NULL,
+								 /* parallel workers share the leader's snapshot */
+								 IsInParallelMode() ? GetActiveSnapshot() : GetLatestSnapshot(),
+								 InvalidSnapshot,
 								 true, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not read envelope.kek");
 		n = (int) SPI_processed;

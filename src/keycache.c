@@ -19,8 +19,10 @@
  *	- the current data key of each KEK for encryption (MAX_CURRENT_DEKS
  *	  slots), under lock 0.  Each use is counted with an atomic increment
  *	  under the shared lock, so envelope.dek_max_uses and dek_max_age hold
- *	  across all backends.  A new key is generated through the KMS with no
- *	  lock held, then installed under the exclusive lock.
+ *	  across all backends.  When the key runs out, one backend fetches the
+ *	  next one through the KMS with no lock held (marking the slot
+ *	  "generating") while the others wait on a condition variable, then
+ *	  installs it under the exclusive lock.
  *
  * Keys are copied out under the lock and the lock released before anything
  * that can raise an error.  Entries are wiped (OPENSSL_cleanse) on expiry,
@@ -39,6 +41,9 @@
 #include "utils/timestamp.h"
 #include "utils/elog.h"
 #include "access/xact.h"
+#include "pgstat.h"
+#include "storage/condition_variable.h"
+#include "storage/procarray.h"
 
 #include "crypto.h"
 #include "envelope.h"
@@ -60,6 +65,8 @@ typedef struct DekEntry
 	char		kek_name[NAMEDATALEN];
 	TimestampTz expires_at;
 	pg_atomic_uint64 last_used;
+	int			pending_pid;	/* non-zero: this backend is unwrapping it */
+	TimestampTz pending_since;
 	uint8		dek[ENV_KEY_LEN];
 } DekEntry;
 
@@ -72,6 +79,7 @@ typedef struct CurrentDek
 	int32		version;
 	pg_atomic_uint64 uses;
 	TimestampTz created_at;
+	TimestampTz generating_since;	/* a backend is asking the KMS for the next key */
 	int			wrapped_len;
 	uint8		wrapped[ENV_MAX_WRAPPED_LEN];
 	uint8		dek[ENV_KEY_LEN];
@@ -83,6 +91,8 @@ typedef struct KeyCacheShared
 	int			nparts;
 	int			part_slots;
 	pg_atomic_uint64 clock;		/* LRU stamps */
+	ConditionVariable dek_ready;	/* broadcast when a new current key is in */
+	ConditionVariable unwrapped;	/* broadcast when a pending entry resolves */
 	CurrentDek	currents[MAX_CURRENT_DEKS];
 	DekEntry	entries[FLEXIBLE_ARRAY_MEMBER];
 } KeyCacheShared;
@@ -92,7 +102,8 @@ typedef enum LookupResult
 {
 	LOOKUP_MISS,
 	LOOKUP_HIT,
-	LOOKUP_STALE				/* expired, but within the outage grace */
+	LOOKUP_STALE,				/* expired, but within the outage grace */
+	LOOKUP_PENDING				/* another backend is unwrapping it now */
 } LookupResult;
 
 /* A remembered rewrap result (backend-local). */
@@ -111,6 +122,7 @@ typedef struct RewrapMemo
 static RewrapMemo memo[MAX_REWRAP_MEMO];
 static int	memo_next = 0;
 static TimestampTz stale_logged_for = 0;	/* statement start we logged for */
+static TimestampTz outage_seen_for = 0;	/* statement start that saw the KMS down */
 
 /* Partitions for envelope.cache_size: a power of two, ~64 entries each. */
 int
@@ -145,6 +157,8 @@ keycache_shmem_init(void *region)
 	kc->part_slots = envelope_cache_size / kc->nparts;
 	n = kc->nparts * kc->part_slots;
 	pg_atomic_init_u64(&kc->clock, 1);
+	ConditionVariableInit(&kc->dek_ready);
+	ConditionVariableInit(&kc->unwrapped);
 	for (int i = 0; i < MAX_CURRENT_DEKS; i++)
 		pg_atomic_init_u64(&kc->currents[i].uses, 0);
 	for (int i = 0; i < n; i++)
@@ -203,6 +217,32 @@ grace_usecs(void)
 	return (TimestampTz) envelope_kms_outage_grace * USECS_PER_SEC;
 }
 
+/* How long others wait for a backend that is unwrapping a key. */
+static TimestampTz
+pending_limit_usecs(void)
+{
+	return (TimestampTz) (envelope_kms_timeout * (envelope_kms_retries + 1) + 1000) * 1000;
+}
+
+/* True if a pending entry's owner is gone or took too long. */
+static bool
+pending_abandoned(const DekEntry *e, TimestampTz now)
+{
+	return now - e->pending_since >= pending_limit_usecs() ||
+		BackendPidGetProc(e->pending_pid) == NULL;
+}
+
+/* True if an entry may be wiped: expired past the grace, or an abandoned claim. */
+static bool
+entry_dead(const DekEntry *e, TimestampTz now)
+{
+	if (!e->used)
+		return false;
+	if (e->pending_pid != 0)
+		return now - e->pending_since >= pending_limit_usecs();
+	return e->expires_at <= now && now - e->expires_at >= grace_usecs();
+}
+
 /* Wipe one decrypt entry (caller holds its partition lock exclusively). */
 static void
 entry_clear(DekEntry *e)
@@ -212,6 +252,8 @@ entry_clear(DekEntry *e)
 	env_wipe(e->kek_name, sizeof(e->kek_name));
 	env_wipe(e->dek, sizeof(e->dek));
 	e->expires_at = 0;
+	e->pending_pid = 0;
+	e->pending_since = 0;
 	pg_atomic_write_u64(&e->last_used, 0);
 }
 
@@ -229,7 +271,12 @@ cache_lookup(KeyCacheShared *kc, const uint8 *digest, uint8 *dek, TimestampTz *e
 	{
 		if (!e->used || memcmp(e->digest, digest, DIGEST_LEN) != 0)
 			continue;
-		if (e->expires_at > now)
+		if (e->pending_pid != 0)
+		{
+			if (e->pending_pid != MyProcPid && !pending_abandoned(e, now))
+				result = LOOKUP_PENDING;
+		}
+		else if (e->expires_at > now)
 		{
 			memcpy(dek, e->dek, ENV_KEY_LEN);
 			pg_atomic_write_u64(&e->last_used, pg_atomic_fetch_add_u64(&kc->clock, 1));
@@ -278,10 +325,11 @@ keycache_put(const KekInfo *kek, const KmsWrapped *wrapped, const uint8 *dek)
 			slot = e;
 			break;
 		}
-		if (e->used && now - e->expires_at >= grace_usecs() && e->expires_at <= now)
+		if (entry_dead(e, now))
 		{
+			if (e->pending_pid == 0)
+				expired++;
 			entry_clear(e);
-			expired++;
 		}
 		if (!e->used)
 		{
@@ -301,13 +349,103 @@ keycache_put(const KekInfo *kek, const KmsWrapped *wrapped, const uint8 *dek)
 	slot->used = true;
 	memcpy(slot->digest, digest, DIGEST_LEN);
 	strlcpy(slot->kek_name, kek->name, NAMEDATALEN);
+	slot->pending_pid = 0;
+	slot->pending_since = 0;
 	slot->expires_at = now + (TimestampTz) envelope_cache_ttl * USECS_PER_SEC;
 	pg_atomic_write_u64(&slot->last_used, pg_atomic_fetch_add_u64(&kc->clock, 1));
 	memcpy(slot->dek, dek, ENV_KEY_LEN);
 	LWLockRelease(env_lock(1 + part));
+	ConditionVariableBroadcast(&kc->unwrapped);
 
 	env_count(CNT_EXPIRATIONS, expired);
 	env_count(CNT_EVICTIONS, evicted);
+}
+
+/*
+ * Claim a missing key: put a pending entry in its partition so that other
+ * backends wait for our KMS call instead of making their own.  Returns
+ * false if, under the exclusive lock, the key turned out to be there or
+ * pending after all.
+ */
+static bool
+claim_pending(KeyCacheShared *kc, const KekInfo *kek, const uint8 *digest)
+{
+	int			part = partition_of(kc, digest);
+	DekEntry   *first = &kc->entries[part * kc->part_slots];
+	TimestampTz now = GetCurrentTimestamp();
+	DekEntry   *slot = NULL;
+	DekEntry   *victim = NULL;
+	bool		claimed = true;
+	int64		evicted = 0;
+
+	LWLockAcquire(env_lock(1 + part), LW_EXCLUSIVE);
+	for (int i = 0; i < kc->part_slots; i++)
+	{
+		DekEntry   *e = &first[i];
+
+		if (e->used && memcmp(e->digest, digest, DIGEST_LEN) == 0)
+		{
+			if ((e->pending_pid != 0 && !pending_abandoned(e, now)) ||
+				(e->pending_pid == 0 && e->expires_at > now))
+				claimed = false;	/* someone else got there first */
+			slot = e;
+			break;
+		}
+		if (!e->used)
+		{
+			if (slot == NULL)
+				slot = e;
+		}
+		else if (e->pending_pid == 0 &&
+				 (victim == NULL ||
+				  pg_atomic_read_u64(&e->last_used) < pg_atomic_read_u64(&victim->last_used)))
+			victim = e;
+	}
+	if (claimed && slot == NULL && victim != NULL)
+	{
+		entry_clear(victim);
+		evicted++;
+		slot = victim;
+	}
+	if (claimed && slot != NULL)
+	{
+		/* An expired entry kept for the grace period is replaced too. */
+		entry_clear(slot);
+		slot->used = true;
+		memcpy(slot->digest, digest, DIGEST_LEN);
+		strlcpy(slot->kek_name, kek->name, NAMEDATALEN);
+		slot->pending_pid = MyProcPid;
+		slot->pending_since = now;
+	}
+	LWLockRelease(env_lock(1 + part));
+	env_count(CNT_EVICTIONS, evicted);
+	return claimed;
+}
+
+/* Give up a pending claim (the KMS call failed, or the key was refused). */
+void
+keycache_abandon(const KekInfo *kek, const KmsWrapped *wrapped)
+{
+	KeyCacheShared *kc = cache();
+	uint8		digest[DIGEST_LEN];
+	int			part;
+	DekEntry   *e;
+
+	wrapped_digest(kek, wrapped, digest);
+	part = partition_of(kc, digest);
+	e = &kc->entries[part * kc->part_slots];
+	LWLockAcquire(env_lock(1 + part), LW_EXCLUSIVE);
+	for (int i = 0; i < kc->part_slots; i++, e++)
+	{
+		if (e->used && e->pending_pid == MyProcPid &&
+			memcmp(e->digest, digest, DIGEST_LEN) == 0)
+		{
+			entry_clear(e);
+			break;
+		}
+	}
+	LWLockRelease(env_lock(1 + part));
+	ConditionVariableBroadcast(&kc->unwrapped);
 }
 
 /* True for the errors that mean "the KMS cannot be reached right now". */
@@ -332,6 +470,14 @@ unwrap_or_stale(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek,
 	MemoryContext ctx = CurrentMemoryContext;
 	volatile bool used_stale = false;
 
+	/* Once this statement has found the KMS down, do not wait for it per row. */
+	if (outage_seen_for == GetCurrentStatementStartTimestamp())
+	{
+		memcpy(dek, stale, ENV_KEY_LEN);
+		env_count(CNT_STALE_USES, 1);
+		return false;
+	}
+
 	PG_TRY();
 	{
 		kms_unwrap(kek->provider, kek->key_ref, wrapped, dek);
@@ -343,10 +489,14 @@ unwrap_or_stale(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek,
 		MemoryContextSwitchTo(ctx);
 		edata = CopyErrorData();
 		if (!is_outage(edata->sqlerrcode))
+		{
+			env_wipe((void *) stale, ENV_KEY_LEN);
 			PG_RE_THROW();
+		}
 		FlushErrorState();
 		memcpy(dek, stale, ENV_KEY_LEN);
 		used_stale = true;
+		outage_seen_for = GetCurrentStatementStartTimestamp();
 		env_count(CNT_STALE_USES, 1);
 		if (stale_logged_for != GetCurrentStatementStartTimestamp())
 		{
@@ -363,7 +513,30 @@ unwrap_or_stale(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek,
 	return !used_stale;
 }
 
-/* The plaintext of a wrapped data key; true if it came from the KMS (not cached). */
+/* Unwrap a key this backend claimed; the claim is given up if the KMS fails. */
+static void
+unwrap_claimed(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek)
+{
+	PG_TRY();
+	{
+		kms_unwrap(kek->provider, kek->key_ref, wrapped, dek);
+	}
+	PG_CATCH();
+	{
+		if (envelope_cache_ttl > 0)
+			keycache_abandon(kek, wrapped);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+}
+
+/*
+ * The plaintext of a wrapped data key; true if it came from the KMS (not
+ * cached).  On a miss, one backend claims the key and calls the KMS while
+ * others that need the same key wait for it (a parallel scan makes one
+ * unwrap per data key, not one per worker).  The claimer must resolve the
+ * claim: keycache_put() once the key is verified, keycache_abandon() if not.
+ */
 bool
 keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek)
 {
@@ -372,32 +545,43 @@ keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek)
 	uint8		stale[ENV_KEY_LEN];
 	TimestampTz expired_at = 0;
 	LookupResult r;
-	volatile bool from_kms;
+	bool		from_kms;
+	bool		counted = false;
 
 	wrapped_digest(kek, wrapped, digest);
-	r = cache_lookup(kc, digest, stale, &expired_at);
-	if (r == LOOKUP_HIT)
+	for (;;)
 	{
-		memcpy(dek, stale, ENV_KEY_LEN);
-		env_wipe(stale, sizeof(stale));
-		env_count(CNT_HITS, 1);
-		return false;
+		r = cache_lookup(kc, digest, stale, &expired_at);
+		if (r == LOOKUP_HIT)
+		{
+			ConditionVariableCancelSleep();
+			memcpy(dek, stale, ENV_KEY_LEN);
+			env_wipe(stale, sizeof(stale));
+			env_count(CNT_HITS, 1);
+			return false;
+		}
+		if (!counted)
+		{
+			env_count(CNT_MISSES, 1);
+			counted = true;
+		}
+		if (r == LOOKUP_PENDING)
+		{
+			(void) ConditionVariableTimedSleep(&kc->unwrapped, 100, PG_WAIT_EXTENSION);
+			continue;
+		}
+		if (r == LOOKUP_STALE || envelope_cache_ttl <= 0 || claim_pending(kc, kek, digest))
+			break;
 	}
-	env_count(CNT_MISSES, 1);
+	ConditionVariableCancelSleep();
+
 	if (r == LOOKUP_MISS)
 	{
-		kms_unwrap(kek->provider, kek->key_ref, wrapped, dek);
+		unwrap_claimed(kek, wrapped, dek);
 		return true;
 	}
-	PG_TRY();
-	{
-		from_kms = unwrap_or_stale(kek, wrapped, dek, stale, expired_at);
-	}
-	PG_FINALLY();
-	{
-		env_wipe(stale, sizeof(stale));
-	}
-	PG_END_TRY();
+	from_kms = unwrap_or_stale(kek, wrapped, dek, stale, expired_at);
+	env_wipe(stale, sizeof(stale));
 	return from_kms;
 }
 
@@ -483,7 +667,67 @@ take_use(CurrentDek *c, const KekInfo *kek, const uint8 *identity, TimestampTz n
 	return true;
 }
 
-/* The data key to encrypt the next value under kek; one use is consumed. */
+/* True if another backend is fetching the KEK's next key (caller holds lock 0). */
+static bool
+someone_generating(CurrentDek *c)
+{
+	return c != NULL && c->generating_since != 0 &&
+		GetCurrentTimestamp() - c->generating_since <
+		(TimestampTz) (envelope_kms_timeout * (envelope_kms_retries + 1) + 1000) * 1000;
+}
+
+/* A slot for a KEK: its own, a free one, or the oldest (caller holds lock 0 exclusively). */
+static CurrentDek *
+claim_slot(KeyCacheShared *kc, const KekInfo *kek)
+{
+	CurrentDek *c = current_slot(kc, kek->name);
+	CurrentDek *oldest = NULL;
+
+	for (int i = 0; i < MAX_CURRENT_DEKS && c == NULL; i++)
+	{
+		if (!kc->currents[i].used)
+			c = &kc->currents[i];
+		else if (oldest == NULL || kc->currents[i].created_at < oldest->created_at)
+			oldest = &kc->currents[i];
+	}
+	if (c == NULL)
+		c = oldest;
+	if (!c->used || strcmp(c->kek_name, kek->name) != 0)
+	{
+		/* A placeholder that take_use() refuses until the key is installed. */
+		env_wipe(c->dek, sizeof(c->dek));
+		c->used = true;
+		strlcpy(c->kek_name, kek->name, NAMEDATALEN);
+		memset(c->identity, 0, sizeof(c->identity));
+		c->version = 0;
+		c->created_at = 0;
+		c->wrapped_len = 0;
+		pg_atomic_write_u64(&c->uses, PG_UINT64_MAX / 2);
+	}
+	return c;
+}
+
+/* Clear a KEK's "generating" mark and wake the waiters. */
+static void
+end_generating(KeyCacheShared *kc, const char *kek_name)
+{
+	CurrentDek *c;
+
+	LWLockAcquire(env_lock(0), LW_EXCLUSIVE);
+	c = current_slot(kc, kek_name);
+	if (c)
+		c->generating_since = 0;
+	LWLockRelease(env_lock(0));
+	ConditionVariableBroadcast(&kc->dek_ready);
+}
+
+/*
+ * The data key to encrypt the next value under kek; one use is consumed.
+ *
+ * When the current key is exhausted, one backend asks the KMS for the next
+ * one (with no lock held) while the others wait on a condition variable for
+ * it, so a key rollover costs one KMS call however many sessions write.
+ */
 void
 keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped)
 {
@@ -492,60 +736,84 @@ keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped)
 	uint8		fresh[ENV_KEY_LEN];
 	KmsWrapped	fresh_wrapped;
 	bool		ok;
+	bool		wait;
 	CurrentDek *c;
 
 	wrapped_digest(kek, NULL, identity);
 	wrapped->data = palloc(ENV_MAX_WRAPPED_LEN);
 
-	LWLockAcquire(env_lock(0), LW_SHARED);
-	ok = take_use(current_slot(kc, kek->name), kek, identity, GetCurrentTimestamp(), dek, wrapped);
-	LWLockRelease(env_lock(0));
-	if (ok)
-		return;
+	for (;;)
+	{
+		LWLockAcquire(env_lock(0), LW_SHARED);
+		c = current_slot(kc, kek->name);
+		ok = take_use(c, kek, identity, GetCurrentTimestamp(), dek, wrapped);
+		wait = !ok && someone_generating(c);
+		LWLockRelease(env_lock(0));
+		if (ok)
+		{
+			ConditionVariableCancelSleep();
+			return;
+		}
+		if (wait)
+		{
+			(void) ConditionVariableTimedSleep(&kc->dek_ready, 100, PG_WAIT_EXTENSION);
+			continue;
+		}
 
-	/* A new data key, made with no lock held. */
-	generate_checked(kek, fresh, &fresh_wrapped);
+		/* Nobody is fetching a key: claim the job, unless someone beat us. */
+		LWLockAcquire(env_lock(0), LW_EXCLUSIVE);
+		c = current_slot(kc, kek->name);
+		ok = take_use(c, kek, identity, GetCurrentTimestamp(), dek, wrapped);
+		wait = !ok && someone_generating(c);
+		if (!ok && !wait)
+		{
+			c = claim_slot(kc, kek);
+			c->generating_since = GetCurrentTimestamp();
+		}
+		LWLockRelease(env_lock(0));
+		if (ok)
+		{
+			ConditionVariableCancelSleep();
+			return;
+		}
+		if (!wait)
+			break;
+	}
+	ConditionVariableCancelSleep();
+
+	/* Ours to fetch, with no lock held; wake the waiters whatever happens. */
+	PG_TRY();
+	{
+		generate_checked(kek, fresh, &fresh_wrapped);
+	}
+	PG_CATCH();
+	{
+		end_generating(kc, kek->name);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
 
 	LWLockAcquire(env_lock(0), LW_EXCLUSIVE);
-	c = current_slot(kc, kek->name);
-	/* Another backend may have installed a fresh key meanwhile: prefer it. */
-	ok = take_use(c, kek, identity, GetCurrentTimestamp(), dek, wrapped);
-	if (!ok)
-	{
-		if (c == NULL)
-		{
-			CurrentDek *oldest = NULL;
-
-			for (int i = 0; i < MAX_CURRENT_DEKS && c == NULL; i++)
-			{
-				if (!kc->currents[i].used)
-					c = &kc->currents[i];
-				else if (oldest == NULL || kc->currents[i].created_at < oldest->created_at)
-					oldest = &kc->currents[i];
-			}
-			if (c == NULL)
-				c = oldest;
-		}
-		env_wipe(c->dek, sizeof(c->dek));
-		c->used = true;
-		strlcpy(c->kek_name, kek->name, NAMEDATALEN);
-		memcpy(c->identity, identity, DIGEST_LEN);
-		c->version = fresh_wrapped.version;
-		pg_atomic_write_u64(&c->uses, 1);
-		c->created_at = GetCurrentTimestamp();
-		c->wrapped_len = fresh_wrapped.len;
-		memcpy(c->wrapped, fresh_wrapped.data, fresh_wrapped.len);
-		memcpy(c->dek, fresh, ENV_KEY_LEN);
-		memcpy(dek, fresh, ENV_KEY_LEN);
-		wrapped->version = fresh_wrapped.version;
-		wrapped->len = fresh_wrapped.len;
-		memcpy(wrapped->data, fresh_wrapped.data, fresh_wrapped.len);
-	}
+	c = claim_slot(kc, kek);
+	env_wipe(c->dek, sizeof(c->dek));
+	memcpy(c->identity, identity, DIGEST_LEN);
+	c->version = fresh_wrapped.version;
+	pg_atomic_write_u64(&c->uses, 1);
+	c->created_at = GetCurrentTimestamp();
+	c->generating_since = 0;
+	c->wrapped_len = fresh_wrapped.len;
+	memcpy(c->wrapped, fresh_wrapped.data, fresh_wrapped.len);
+	memcpy(c->dek, fresh, ENV_KEY_LEN);
 	LWLockRelease(env_lock(0));
+	ConditionVariableBroadcast(&kc->dek_ready);
+
+	memcpy(dek, fresh, ENV_KEY_LEN);
+	wrapped->version = fresh_wrapped.version;
+	wrapped->len = fresh_wrapped.len;
+	memcpy(wrapped->data, fresh_wrapped.data, fresh_wrapped.len);
 
 	/* Readers of what we write find the key in the cache. */
-	if (!ok)
-		keycache_put(kek, &fresh_wrapped, fresh);
+	keycache_put(kek, &fresh_wrapped, fresh);
 	env_wipe(fresh, sizeof(fresh));
 }
 
@@ -566,11 +834,13 @@ keycache_retire_current(const char *kek_name)
 			env_wipe(c->dek, sizeof(c->dek));
 			env_wipe(c->kek_name, sizeof(c->kek_name));
 			c->created_at = 0;
+			c->generating_since = 0;
 			c->wrapped_len = 0;
 			pg_atomic_write_u64(&c->uses, 0);
 		}
 	}
 	LWLockRelease(env_lock(0));
+	ConditionVariableBroadcast(&kc->dek_ready);
 }
 
 /* Look up a remembered rewrap of wrapped to target's current version. */
@@ -664,7 +934,6 @@ keycache_sweep(void)
 {
 	KeyCacheShared *kc = (KeyCacheShared *) env_key_region();
 	TimestampTz now = GetCurrentTimestamp();
-	TimestampTz grace = grace_usecs();
 	int64		expired = 0;
 
 	for (int part = 0; part < kc->nparts; part++)
@@ -675,8 +944,7 @@ keycache_sweep(void)
 		/* Look under the shared lock first, so readers rarely wait. */
 		LWLockAcquire(env_lock(1 + part), LW_SHARED);
 		for (int i = 0; i < kc->part_slots && !any; i++)
-			any = first[i].used && now - first[i].expires_at >= grace &&
-				first[i].expires_at <= now;
+			any = entry_dead(&first[i], now);
 		LWLockRelease(env_lock(1 + part));
 		if (!any)
 			continue;
@@ -686,10 +954,11 @@ keycache_sweep(void)
 		{
 			DekEntry   *e = &first[i];
 
-			if (e->used && now - e->expires_at >= grace && e->expires_at <= now)
+			if (entry_dead(e, now))
 			{
+				if (e->pending_pid == 0)
+					expired++;
 				entry_clear(e);
-				expired++;
 			}
 		}
 		LWLockRelease(env_lock(1 + part));

@@ -44,8 +44,11 @@ extern void keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wra
  */
 extern bool keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek);
 
-/* Put an unwrapped, verified data key into the cache. */
+/* Put an unwrapped, verified data key into the cache (resolves a claim). */
 extern void keycache_put(const KekInfo *kek, const KmsWrapped *wrapped, const uint8 *dek);
+
+/* Give up the claim keycache_unwrap() took when the key came from the KMS. */
+extern void keycache_abandon(const KekInfo *kek, const KmsWrapped *wrapped);
 
 /*
  * Look up / remember the result of rewrapping a data key to target's
