@@ -431,3 +431,536 @@ REVOKE ALL ON FUNCTION envelope._kms_retire(pg_catalog.text, pg_catalog.int4) FR
 REVOKE ALL ON FUNCTION envelope.retire_kek_version(pg_catalog.text, pg_catalog.int4) FROM PUBLIC;
 REVOKE ALL ON FUNCTION envelope.audit_event(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.jsonb) FROM PUBLIC;
 REVOKE ALL ON PROCEDURE envelope.rewrap_column(pg_catalog.regclass, pg_catalog.name, pg_catalog.int4, pg_catalog.text, pg_catalog.interval) FROM PUBLIC;
+
+-- BEGIN clear views (issue 6)
+---------------------------------------------------------------------------
+-- Clear views: a view of a table with its enc_bytea columns decrypted, and
+-- INSTEAD OF triggers that encrypt what is written through it
+---------------------------------------------------------------------------
+
+-- Per-column choices read by create_clear_view (set with set_clear_column).
+-- A table is recorded by name, which pg_dump keeps, and by OID and owner:
+-- a restored table has a new OID, so a row applies to the table with its
+-- schema and name when the OID matches or the owner is the same (so a row
+-- left behind by another role's dropped table never applies).  No regclass
+-- columns, so pg_upgrade works.
+CREATE TABLE envelope.clear_view_column (
+	id				pg_catalog.int8 GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	relid			pg_catalog.oid NOT NULL,
+	relschema		pg_catalog.name NOT NULL,
+	relname			pg_catalog.name NOT NULL,
+	relowner		pg_catalog.name NOT NULL,
+	column_name		pg_catalog.name NOT NULL,
+	as_type			pg_catalog.text NOT NULL DEFAULT 'text'
+		CHECK (as_type OPERATOR(pg_catalog.=) 'text' OR as_type OPERATOR(pg_catalog.=) 'bytea'),
+	context_expr	pg_catalog.text,
+	set_at			pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE envelope.clear_view_column IS
+	'per-column choices for envelope.create_clear_view (decrypt as text or bytea, row context expression); change through envelope.set_clear_column';
+SELECT pg_catalog.pg_extension_config_dump('envelope.clear_view_column', '');
+SELECT pg_catalog.pg_extension_config_dump('envelope.clear_view_column_id_seq', '');
+
+-- May the current user change a configuration row of this table?  Its owner
+-- (or a member of the owner role) may; so may the role the row records as
+-- owner, for rows whose table is gone or came from a dump.
+CREATE FUNCTION envelope._clear_view_may_edit(relid pg_catalog.oid, relowner pg_catalog.name)
+	RETURNS pg_catalog.bool
+	LANGUAGE plpgsql STABLE
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	o	oid;
+BEGIN
+	SELECT c.relowner INTO o FROM pg_class c WHERE c.oid = _clear_view_may_edit.relid;
+	IF FOUND AND pg_has_role(o, 'USAGE') THEN
+		RETURN true;
+	END IF;
+	SELECT r.oid INTO o FROM pg_roles r WHERE r.rolname = _clear_view_may_edit.relowner;
+	RETURN FOUND AND pg_has_role(o, 'USAGE');
+END
+$$;
+
+-- Everyone may write the table, but only rows of tables they own, naming
+-- them correctly: a context expression becomes code in the owner's view.
+-- Superusers are not checked, so a restore (stale OIDs) works.
+CREATE FUNCTION envelope._clear_view_column_check() RETURNS trigger
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	t	record;
+BEGIN
+	IF (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
+		RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+	END IF;
+	IF TG_OP IN ('UPDATE', 'DELETE') AND NOT envelope._clear_view_may_edit(OLD.relid, OLD.relowner) THEN
+		RAISE EXCEPTION 'must be owner of table %.%', quote_ident(OLD.relschema), quote_ident(OLD.relname)
+			USING ERRCODE = 'insufficient_privilege';
+	END IF;
+	IF TG_OP = 'DELETE' THEN
+		RETURN OLD;
+	END IF;
+	SELECT n.nspname, c.relname, c.relkind, c.relowner, pg_get_userbyid(c.relowner) AS owner_name
+	  INTO t
+	  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+	 WHERE c.oid = NEW.relid;
+	IF NOT FOUND OR t.relkind NOT IN ('r', 'p') OR NOT pg_has_role(t.relowner, 'USAGE') THEN
+		RAISE EXCEPTION 'must be owner of the table with OID %', NEW.relid
+			USING ERRCODE = 'insufficient_privilege',
+				  HINT = 'Use envelope.set_clear_column().';
+	END IF;
+	IF NEW.relschema IS DISTINCT FROM t.nspname OR NEW.relname IS DISTINCT FROM t.relname
+	   OR NEW.relowner IS DISTINCT FROM t.owner_name THEN
+		RAISE EXCEPTION 'relschema, relname and relowner must describe the table with OID %', NEW.relid
+			USING ERRCODE = 'invalid_parameter_value',
+				  HINT = 'Use envelope.set_clear_column().';
+	END IF;
+	RETURN NEW;
+END
+$$;
+CREATE TRIGGER clear_view_column_check BEFORE INSERT OR UPDATE OR DELETE ON envelope.clear_view_column
+	FOR EACH ROW EXECUTE FUNCTION envelope._clear_view_column_check();
+GRANT SELECT, INSERT, UPDATE, DELETE ON envelope.clear_view_column TO PUBLIC;
+
+-- The choices that apply to a table, one row per configured column.
+CREATE FUNCTION envelope._clear_view_config(tbl pg_catalog.regclass)
+	RETURNS TABLE (column_name pg_catalog.name, as_type pg_catalog.text, context_expr pg_catalog.text)
+	LANGUAGE sql STABLE
+	SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT DISTINCT ON (cf.column_name) cf.column_name, cf.as_type, cf.context_expr
+	  FROM envelope.clear_view_column cf, pg_class r, pg_namespace n
+	 WHERE r.oid = tbl AND n.oid = r.relnamespace
+	   AND cf.relschema = n.nspname AND cf.relname = r.relname
+	   AND (cf.relid = r.oid OR cf.relowner = pg_get_userbyid(r.relowner))
+	 ORDER BY cf.column_name, (cf.relid = r.oid) DESC, cf.id DESC
+$$;
+
+CREATE FUNCTION envelope.set_clear_column(tbl pg_catalog.regclass, col pg_catalog.name,
+										  as_type pg_catalog.text DEFAULT 'text',
+										  context_expr pg_catalog.text DEFAULT NULL)
+	RETURNS void
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	t		record;
+	typ		text := lower(btrim(COALESCE(set_clear_column.as_type, 'text')));
+	ctx		text := NULLIF(btrim(set_clear_column.context_expr), '');
+BEGIN
+	SELECT c.oid, n.nspname, c.relname, c.relkind, c.relowner, pg_get_userbyid(c.relowner) AS owner_name
+	  INTO t
+	  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+	 WHERE c.oid = tbl;
+	IF t.relkind NOT IN ('r', 'p') THEN
+		RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
+	END IF;
+	IF NOT pg_has_role(t.relowner, 'USAGE') THEN
+		RAISE EXCEPTION 'must be owner of table %', tbl USING ERRCODE = 'insufficient_privilege';
+	END IF;
+	IF NOT EXISTS (SELECT 1 FROM pg_attribute a
+				   WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped
+					 AND a.atttypid = '@extschema@.enc_bytea'::regtype) THEN
+		RAISE EXCEPTION 'column "%" of relation "%" is not an enc_bytea column', col, tbl
+			USING ERRCODE = 'undefined_column';
+	END IF;
+	IF typ NOT IN ('text', 'bytea') THEN
+		RAISE EXCEPTION 'as_type must be ''text'' or ''bytea'', not ''%''', set_clear_column.as_type
+			USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	DELETE FROM envelope.clear_view_column cf
+	 WHERE cf.relschema = t.nspname AND cf.relname = t.relname AND cf.column_name = col
+	   AND (cf.relid = t.oid OR cf.relowner = t.owner_name);
+	INSERT INTO envelope.clear_view_column (relid, relschema, relname, relowner, column_name, as_type, context_expr)
+		VALUES (t.oid, t.nspname, t.relname, t.owner_name, col, typ, ctx);
+END
+$$;
+COMMENT ON FUNCTION envelope.set_clear_column(pg_catalog.regclass, pg_catalog.name, pg_catalog.text, pg_catalog.text) IS
+	'choose how create_clear_view decrypts an enc_bytea column: as text or bytea, and with which row context expression';
+
+-- create_clear_view resolves context expressions with the caller's
+-- search_path, like CREATE VIEW would; the work is done with a safe one.
+CREATE FUNCTION envelope._create_clear_view(tbl pg_catalog.regclass, view_name pg_catalog.text,
+											kek pg_catalog.text, caller_search_path pg_catalog.text)
+	RETURNS pg_catalog.regclass
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	ext			text := '@extschema@';
+	enc_type	oid := '@extschema@.enc_bytea'::regtype;
+	safe_path	text := 'pg_catalog, pg_temp';
+	t			record;
+	a			record;
+	g			record;
+	vname		text;
+	base		text;
+	fn_ins		text;
+	fn_upd		text;
+	fn_del		text;
+	qtbl		text;		-- "schema"."table"
+	qalias		text;		-- "table": how the view and contexts qualify columns
+	qview		text;
+	fpath		text;		-- the trigger functions' search_path
+	kek_lit		text;
+	pk			text[];
+	plain_cols	text[] := '{}';		-- columns stored as they are (view and contexts see them)
+	sel			text[] := '{}';		-- the view's select list
+	defaults	text[] := '{}';		-- ALTER VIEW ... SET DEFAULT statements
+	ins_pre		text := '';			-- INSERT: checks and identity values
+	ins_cols	text[] := '{}';
+	ins_vals	text[] := '{}';
+	upd_pre		text := '';
+	upd_set		text[] := '{}';
+	mapback		text := '';			-- copy generated values back into NEW
+	decl		text := '';
+	ctx_new		text[] := '{}';		-- context expressions, in order
+	ctx_vars_n	text[] := '{}';
+	ctx_vars_o	text[] := '{}';
+	overriding	text := '';
+	ctx			text;
+	ctx_type	oid;
+	ident_seq	text;
+	n_enc		int := 0;
+	nctx		int := 0;
+	msg			text;
+	ins_body	text;
+	upd_body	text;
+	del_body	text;
+BEGIN
+	SELECT c.oid, n.nspname, c.relname, c.relkind, c.relowner
+	  INTO t
+	  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+	 WHERE c.oid = tbl;
+	IF t.relkind NOT IN ('r', 'p') THEN
+		RAISE EXCEPTION '"%" is not a table', tbl
+			USING ERRCODE = 'wrong_object_type',
+				  HINT = 'A clear view is made for a table with enc_bytea columns.';
+	END IF;
+	IF NOT pg_has_role(t.relowner, 'USAGE') THEN
+		RAISE EXCEPTION 'must be owner of table %', tbl USING ERRCODE = 'insufficient_privilege';
+	END IF;
+	IF kek IS NOT NULL AND NOT EXISTS (SELECT 1 FROM envelope.kek k WHERE k.name = kek) THEN
+		RAISE EXCEPTION 'KEK "%" does not exist', kek USING ERRCODE = 'undefined_object';
+	END IF;
+	kek_lit := CASE WHEN kek IS NULL THEN 'NULL::pg_catalog.text' ELSE format('%L::pg_catalog.text', kek) END;
+
+	vname := COALESCE(view_name, t.relname || '_clear');
+	IF vname = '' OR octet_length(vname) > 63 THEN
+		RAISE EXCEPTION 'invalid view name "%"', vname
+			USING ERRCODE = 'invalid_name',
+				  HINT = 'A view name has 1 to 63 bytes; pass one as create_clear_view''s view_name.';
+	END IF;
+	-- The trigger functions are named after the view.
+	base := vname;
+	WHILE octet_length(base) > 56 LOOP
+		base := left(base, -1);
+	END LOOP;
+	fn_ins := base || '_insert';
+	fn_upd := base || '_update';
+	fn_del := base || '_delete';
+	qtbl := format('%I.%I', t.nspname, t.relname);
+	qalias := format('%I', t.relname);
+	qview := format('%I.%I', t.nspname, vname);
+
+	IF EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+			   WHERE n.nspname = t.nspname AND c.relname = vname) THEN
+		RAISE EXCEPTION 'relation "%" already exists', qview
+			USING ERRCODE = 'duplicate_table',
+				  HINT = 'Pass another name as create_clear_view''s view_name, or drop the existing view (envelope.drop_clear_view for a clear view).';
+	END IF;
+	SELECT p.proname INTO msg FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+	 WHERE n.nspname = t.nspname AND p.proname IN (fn_ins, fn_upd, fn_del) AND p.pronargs = 0
+	 LIMIT 1;
+	IF FOUND THEN
+		RAISE EXCEPTION 'function %.%() already exists', quote_ident(t.nspname), quote_ident(msg)
+			USING ERRCODE = 'duplicate_function',
+				  HINT = 'Pass another name as create_clear_view''s view_name.';
+	END IF;
+
+	SELECT array_agg(format('%I', a2.attname) ORDER BY k.ord) INTO pk
+	  FROM pg_constraint con
+	 CROSS JOIN LATERAL unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+	  JOIN pg_attribute a2 ON a2.attrelid = con.conrelid AND a2.attnum = k.attnum
+	 WHERE con.conrelid = tbl AND con.contype = 'p';
+	IF pk IS NULL THEN
+		RAISE EXCEPTION 'table % has no primary key', tbl
+			USING ERRCODE = 'object_not_in_prerequisite_state',
+				  HINT = 'The clear view''s triggers find rows by primary key; add one with ALTER TABLE ... ADD PRIMARY KEY.';
+	END IF;
+
+	-- The caller's schemas, resolved now, become the trigger functions'
+	-- search_path, so a context expression means the same there as in the view.
+	PERFORM set_config('search_path', caller_search_path, true);
+	SELECT string_agg(quote_ident(s), ', ' ORDER BY o) INTO fpath
+	  FROM unnest(current_schemas(false)) WITH ORDINALITY AS u(s, o)
+	 WHERE s NOT LIKE 'pg\_temp\_%' AND s NOT LIKE 'pg\_toast\_temp\_%';
+	PERFORM set_config('search_path', safe_path, true);
+	fpath := CASE WHEN fpath IS NULL THEN 'pg_catalog, pg_temp' ELSE fpath || ', pg_temp' END;
+
+	-- Columns, in order.  Expressions are deparsed with search_path =
+	-- pg_catalog, so they come out schema-qualified.
+	SELECT COALESCE(array_agg(format('%s.%I', qalias, att.attname) ORDER BY att.attnum), '{}') INTO plain_cols
+	  FROM pg_attribute att
+	 WHERE att.attrelid = tbl AND att.attnum > 0 AND NOT att.attisdropped AND att.atttypid <> enc_type;
+
+	FOR a IN
+		SELECT att.attname, att.atttypid, att.attgenerated, att.attidentity,
+			   pg_get_expr(d.adbin, d.adrelid) AS default_expr,
+			   COALESCE(cf.as_type, 'text') AS as_type, cf.context_expr
+		  FROM pg_attribute att
+		  LEFT JOIN pg_attrdef d ON d.adrelid = att.attrelid AND d.adnum = att.attnum
+		  LEFT JOIN envelope._clear_view_config(tbl) cf ON cf.column_name = att.attname
+		 WHERE att.attrelid = tbl AND att.attnum > 0 AND NOT att.attisdropped
+		 ORDER BY att.attnum
+	LOOP
+		IF a.atttypid = enc_type THEN
+			------------------------------------------------------------ encrypted
+			n_enc := n_enc + 1;
+			ctx := NULL;
+			IF a.context_expr IS NOT NULL THEN
+				-- Check the expression: over the unencrypted columns only (the
+				-- triggers see plaintext where the view sees ciphertext), bytea.
+				PERFORM set_config('search_path', caller_search_path, true);
+				BEGIN
+					EXECUTE format('SELECT pg_catalog.pg_typeof(s.x)::pg_catalog.oid FROM (VALUES (1)) AS v(one) '
+								   'LEFT JOIN (SELECT (%s) AS x FROM (SELECT %s FROM %s LIMIT 0) AS %s) AS s ON true',
+								   a.context_expr, array_to_string(plain_cols, ', '), qtbl, qalias)
+						INTO ctx_type;
+				EXCEPTION WHEN OTHERS THEN
+					GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT;
+					PERFORM set_config('search_path', safe_path, true);
+					RAISE EXCEPTION 'invalid context expression for column "%": %', a.attname, msg
+						USING ERRCODE = 'invalid_parameter_value',
+							  HINT = 'A context expression may use only the columns of the table that are not encrypted, and returns bytea.';
+				END;
+				PERFORM set_config('search_path', safe_path, true);
+				IF ctx_type <> 'bytea'::regtype THEN
+					RAISE EXCEPTION 'context expression for column "%" returns %, not bytea', a.attname, ctx_type::regtype
+						USING ERRCODE = 'datatype_mismatch',
+							  HINT = 'Convert it, for example with convert_to(..., ''UTF8'').';
+				END IF;
+				nctx := nctx + 1;
+				ctx := format('(%s)', a.context_expr);
+				ctx_new := ctx_new || ctx;
+				ctx_vars_n := ctx_vars_n || format('_env_new_%s', nctx);
+				ctx_vars_o := ctx_vars_o || format('_env_old_%s', nctx);
+				decl := decl || format(E'\t_env_new_%s pg_catalog.bytea;\n\t_env_old_%s pg_catalog.bytea;\n', nctx, nctx);
+			END IF;
+			sel := sel || format('%s.%s(%s.%I%s) AS %I', ext,
+								 CASE WHEN a.as_type = 'bytea' THEN 'dec_bytea' ELSE 'dec_text' END,
+								 qalias, a.attname, COALESCE(', ' || ctx, ''), a.attname);
+			IF a.default_expr IS NOT NULL AND a.attgenerated = '' THEN
+				-- The view shows plaintext, so its default is the plaintext of
+				-- the table's default; the trigger encrypts it again (with the
+				-- view's KEK and the row's context).
+				defaults := defaults || format('ALTER VIEW %s ALTER COLUMN %I SET DEFAULT %s.%s(%s)', qview, a.attname, ext,
+											   CASE WHEN a.as_type = 'bytea' THEN 'dec_bytea' ELSE 'dec_text' END,
+											   a.default_expr);
+			END IF;
+			IF a.attgenerated <> '' THEN
+				CONTINUE;
+			END IF;
+			ins_cols := ins_cols || format('%I', a.attname);
+			ins_vals := ins_vals || format('%s.enc(NEW.%I, %s%s)', ext, a.attname, kek_lit,
+										   CASE WHEN ctx IS NULL THEN '' ELSE format(', _env_new_%s', nctx) END);
+			upd_set := upd_set || format(E'%I = CASE WHEN NEW.%I IS DISTINCT FROM OLD.%I%s\n\t\t\tTHEN %s.enc(NEW.%I, %s%s) ELSE _env_t.%I END',
+										 a.attname, a.attname, a.attname,
+										 CASE WHEN ctx IS NULL THEN ''
+											  ELSE format(' OR _env_new_%s IS DISTINCT FROM _env_old_%s', nctx, nctx) END,
+										 ext, a.attname, kek_lit,
+										 CASE WHEN ctx IS NULL THEN '' ELSE format(', _env_new_%s', nctx) END,
+										 a.attname);
+		ELSE
+			------------------------------------------------------------ stored as is
+			sel := sel || format('%s.%I', qalias, a.attname);
+			mapback := mapback || format(E'\tNEW.%I := _env_r.%I;\n', a.attname, a.attname);
+			IF a.attgenerated <> '' THEN
+				ins_pre := ins_pre || format(E'\tIF NEW.%I IS NOT NULL THEN\n\t\tRAISE EXCEPTION %L USING ERRCODE = %L, DETAIL = %L;\n\tEND IF;\n',
+					a.attname, format('cannot insert a non-DEFAULT value into column "%s"', a.attname), 'generated_always',
+					format('Column "%s" is a generated column.', a.attname));
+				upd_pre := upd_pre || format(E'\tIF NEW.%I IS DISTINCT FROM OLD.%I THEN\n\t\tRAISE EXCEPTION %L USING ERRCODE = %L, DETAIL = %L;\n\tEND IF;\n',
+					a.attname, a.attname, format('column "%s" can only be updated to DEFAULT', a.attname), 'generated_always',
+					format('Column "%s" is a generated column.', a.attname));
+				CONTINUE;
+			END IF;
+			IF a.attidentity <> '' THEN
+				-- The value is drawn here, so a context expression can use it
+				-- and RETURNING shows it (needs USAGE on the sequence, like serial).
+				ident_seq := pg_get_serial_sequence(qtbl, a.attname);
+				IF a.attidentity = 'a' THEN
+					ins_pre := ins_pre || format(E'\tIF NEW.%I IS NOT NULL THEN\n\t\tRAISE EXCEPTION %L USING ERRCODE = %L, DETAIL = %L;\n\tEND IF;\n',
+						a.attname, format('cannot insert a non-DEFAULT value into column "%s"', a.attname), 'generated_always',
+						format('Column "%s" is an identity column defined as GENERATED ALWAYS.', a.attname));
+					upd_pre := upd_pre || format(E'\tIF NEW.%I IS DISTINCT FROM OLD.%I THEN\n\t\tRAISE EXCEPTION %L USING ERRCODE = %L, DETAIL = %L;\n\tEND IF;\n',
+						a.attname, a.attname, format('column "%s" can only be updated to DEFAULT', a.attname), 'generated_always',
+						format('Column "%s" is an identity column defined as GENERATED ALWAYS.', a.attname));
+					overriding := ' OVERRIDING SYSTEM VALUE';
+				ELSE
+					upd_set := upd_set || format('%I = NEW.%I', a.attname, a.attname);
+				END IF;
+				ins_pre := ins_pre || format(E'\tIF NEW.%I IS NULL THEN\n\t\tNEW.%I := pg_catalog.nextval(%L::pg_catalog.regclass);\n\tEND IF;\n',
+											 a.attname, a.attname, ident_seq);
+			ELSE
+				IF a.default_expr IS NOT NULL THEN
+					defaults := defaults || format('ALTER VIEW %s ALTER COLUMN %I SET DEFAULT %s', qview, a.attname, a.default_expr);
+				END IF;
+				upd_set := upd_set || format('%I = NEW.%I', a.attname, a.attname);
+			END IF;
+			ins_cols := ins_cols || format('%I', a.attname);
+			ins_vals := ins_vals || format('NEW.%I', a.attname);
+		END IF;
+	END LOOP;
+
+	-- The view, parsed with the caller's search_path (context expressions).
+	PERFORM set_config('search_path', caller_search_path, true);
+	EXECUTE format('CREATE VIEW %s WITH (security_invoker = true) AS SELECT %s FROM %s',
+				   qview, array_to_string(sel, ', '), qtbl);
+	PERFORM set_config('search_path', safe_path, true);
+	FOREACH msg IN ARRAY defaults LOOP
+		EXECUTE msg;
+	END LOOP;
+	EXECUTE format('COMMENT ON VIEW %s IS %L', qview,
+				   format('%s with its encrypted columns decrypted (made by envelope.create_clear_view; drop with envelope.drop_clear_view)', qtbl));
+
+	-- INSERT: encrypt, insert, return the row as stored (generated values
+	-- filled in) with the plaintext that was given.
+	ins_body := format(E'\n#variable_conflict use_column\nDECLARE\n\t_env_r record;\n%sBEGIN\n%s', decl, ins_pre);
+	IF nctx > 0 THEN
+		ins_body := ins_body || format(E'\tSELECT %s INTO %s FROM (SELECT NEW.*) AS %s;\n',
+									   array_to_string(ctx_new, ', '), array_to_string(ctx_vars_n, ', '), qalias);
+	END IF;
+	ins_body := ins_body || format(E'\tINSERT INTO %s%s (%s)\n\t\tVALUES (%s)\n\t\tRETURNING * INTO _env_r;\n%s\tRETURN NEW;\nEND\n',
+								   qtbl, overriding, array_to_string(ins_cols, ', '), array_to_string(ins_vals, ', '), mapback);
+
+	-- UPDATE: by primary key; an encrypted column is encrypted again only if
+	-- its plaintext or its context changed, otherwise its ciphertext is kept.
+	upd_body := format(E'\n#variable_conflict use_column\nDECLARE\n\t_env_r record;\n%sBEGIN\n%s', decl, upd_pre);
+	IF nctx > 0 THEN
+		upd_body := upd_body || format(E'\tSELECT %s INTO %s FROM (SELECT NEW.*) AS %s;\n\tSELECT %s INTO %s FROM (SELECT OLD.*) AS %s;\n',
+									   array_to_string(ctx_new, ', '), array_to_string(ctx_vars_n, ', '), qalias,
+									   array_to_string(ctx_new, ', '), array_to_string(ctx_vars_o, ', '), qalias);
+	END IF;
+	IF cardinality(upd_set) = 0 THEN
+		upd_body := upd_body || E'\tRETURN NULL;\nEND\n';
+	ELSE
+		upd_body := upd_body || format(E'\tUPDATE %s AS _env_t\n\t   SET %s\n\t WHERE %s\n\t RETURNING _env_t.* INTO _env_r;\n'
+									   || E'\tIF NOT FOUND THEN\n\t\tRETURN NULL;\n\tEND IF;\n%s\tRETURN NEW;\nEND\n',
+									   qtbl, array_to_string(upd_set, E',\n\t       '),
+									   (SELECT string_agg(format('_env_t.%s = OLD.%s', k, k), ' AND ') FROM unnest(pk) k),
+									   mapback);
+	END IF;
+
+	del_body := format(E'\nBEGIN\n\tDELETE FROM %s AS _env_t WHERE %s;\n\tIF NOT FOUND THEN\n\t\tRETURN NULL;\n\tEND IF;\n\tRETURN OLD;\nEND\n',
+					   qtbl, (SELECT string_agg(format('_env_t.%s = OLD.%s', k, k), ' AND ') FROM unnest(pk) k));
+
+	EXECUTE format(E'CREATE FUNCTION %I.%I() RETURNS trigger LANGUAGE plpgsql SET search_path TO %s AS %L',
+				   t.nspname, fn_ins, fpath, ins_body);
+	EXECUTE format(E'CREATE FUNCTION %I.%I() RETURNS trigger LANGUAGE plpgsql SET search_path TO %s AS %L',
+				   t.nspname, fn_upd, fpath, upd_body);
+	EXECUTE format(E'CREATE FUNCTION %I.%I() RETURNS trigger LANGUAGE plpgsql SET search_path TO %s AS %L',
+				   t.nspname, fn_del, fpath, del_body);
+	EXECUTE format('COMMENT ON FUNCTION %I.%I() IS %L', t.nspname, fn_ins, format('INSTEAD OF INSERT trigger of %s (envelope clear view)', qview));
+	EXECUTE format('COMMENT ON FUNCTION %I.%I() IS %L', t.nspname, fn_upd, format('INSTEAD OF UPDATE trigger of %s (envelope clear view)', qview));
+	EXECUTE format('COMMENT ON FUNCTION %I.%I() IS %L', t.nspname, fn_del, format('INSTEAD OF DELETE trigger of %s (envelope clear view)', qview));
+	EXECUTE format('CREATE TRIGGER envelope_clear_insert INSTEAD OF INSERT ON %s FOR EACH ROW EXECUTE FUNCTION %I.%I()',
+				   qview, t.nspname, fn_ins);
+	EXECUTE format('CREATE TRIGGER envelope_clear_update INSTEAD OF UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION %I.%I()',
+				   qview, t.nspname, fn_upd);
+	EXECUTE format('CREATE TRIGGER envelope_clear_delete INSTEAD OF DELETE ON %s FOR EACH ROW EXECUTE FUNCTION %I.%I()',
+				   qview, t.nspname, fn_del);
+
+	-- The table's owner owns what was made for it; roles with privileges on
+	-- the table get the same ones on the view (the table's are still checked:
+	-- security_invoker).
+	IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = current_user AND r.oid = t.relowner) THEN
+		EXECUTE format('ALTER VIEW %s OWNER TO %I', qview, pg_get_userbyid(t.relowner));
+		EXECUTE format('ALTER FUNCTION %I.%I() OWNER TO %I', t.nspname, fn_ins, pg_get_userbyid(t.relowner));
+		EXECUTE format('ALTER FUNCTION %I.%I() OWNER TO %I', t.nspname, fn_upd, pg_get_userbyid(t.relowner));
+		EXECUTE format('ALTER FUNCTION %I.%I() OWNER TO %I', t.nspname, fn_del, pg_get_userbyid(t.relowner));
+	END IF;
+	FOR g IN
+		SELECT acl.grantee, acl.privilege_type
+		  FROM pg_class c, aclexplode(c.relacl) acl
+		 WHERE c.oid = tbl AND acl.grantee <> c.relowner
+		   AND acl.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE')
+		 ORDER BY 1, 2
+	LOOP
+		EXECUTE format('GRANT %s ON %s TO %s', g.privilege_type, qview,
+					   CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(g.grantee)) END);
+	END LOOP;
+
+	IF n_enc = 0 THEN
+		RAISE NOTICE 'table % has no enc_bytea columns; the view shows it as it is', tbl;
+	END IF;
+	RETURN qview::regclass;
+END
+$$;
+
+CREATE FUNCTION envelope.create_clear_view(tbl pg_catalog.regclass, view_name pg_catalog.text DEFAULT NULL,
+										   kek pg_catalog.text DEFAULT NULL)
+	RETURNS pg_catalog.regclass
+	LANGUAGE sql
+AS $$ SELECT envelope._create_clear_view(tbl, view_name, kek, pg_catalog.current_setting('search_path')) $$;
+COMMENT ON FUNCTION envelope.create_clear_view(pg_catalog.regclass, pg_catalog.text, pg_catalog.text) IS
+	'create a view of a table with its enc_bytea columns decrypted, whose INSTEAD OF triggers encrypt inserted and updated values';
+
+CREATE FUNCTION envelope.drop_clear_view(view pg_catalog.regclass, keep_config pg_catalog.bool DEFAULT false)
+	RETURNS void
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v		record;
+	funcs	regprocedure[];
+	f		regprocedure;
+	tbl		oid;
+BEGIN
+	SELECT c.oid, c.relkind, c.relowner INTO v FROM pg_class c WHERE c.oid = view;
+	SELECT array_agg(DISTINCT tg.tgfoid::regprocedure) INTO funcs
+	  FROM pg_trigger tg
+	 WHERE tg.tgrelid = view
+	   AND tg.tgname IN ('envelope_clear_insert', 'envelope_clear_update', 'envelope_clear_delete');
+	IF v.relkind <> 'v' OR funcs IS NULL THEN
+		RAISE EXCEPTION '"%" is not a clear view', view
+			USING ERRCODE = 'wrong_object_type',
+				  HINT = 'Clear views are made by envelope.create_clear_view().';
+	END IF;
+	IF NOT pg_has_role(v.relowner, 'USAGE') THEN
+		RAISE EXCEPTION 'must be owner of view %', view USING ERRCODE = 'insufficient_privilege';
+	END IF;
+	-- The table it shows: the relation the view's query reads most columns of.
+	SELECT d.refobjid INTO tbl
+	  FROM pg_rewrite rw
+	  JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = rw.oid
+	  JOIN pg_class c ON c.oid = d.refobjid AND c.relkind IN ('r', 'p')
+	 WHERE rw.ev_class = view AND d.refclassid = 'pg_class'::regclass AND d.refobjsubid > 0
+	 GROUP BY d.refobjid
+	 ORDER BY count(*) DESC, d.refobjid
+	 LIMIT 1;
+
+	EXECUTE format('DROP VIEW %s', view);
+	FOREACH f IN ARRAY funcs LOOP
+		EXECUTE format('DROP FUNCTION %s', f);
+	END LOOP;
+
+	IF NOT keep_config AND tbl IS NOT NULL AND NOT EXISTS (
+		SELECT 1 FROM pg_trigger tg
+		  JOIN pg_rewrite rw ON rw.ev_class = tg.tgrelid
+		  JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = rw.oid
+		 WHERE tg.tgname = 'envelope_clear_insert'
+		   AND d.refclassid = 'pg_class'::regclass AND d.refobjid = tbl) THEN
+		DELETE FROM envelope.clear_view_column cf
+		 USING pg_class r, pg_namespace n
+		 WHERE r.oid = tbl AND n.oid = r.relnamespace
+		   AND cf.relschema = n.nspname AND cf.relname = r.relname
+		   AND (cf.relid = r.oid OR cf.relowner = pg_get_userbyid(r.relowner));
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION envelope.drop_clear_view(pg_catalog.regclass, pg_catalog.bool) IS
+	'drop a view made by create_clear_view, its trigger functions, and (unless keep_config) its table''s set_clear_column choices';
+
+REVOKE ALL ON FUNCTION envelope._clear_view_column_check() FROM PUBLIC;
+-- END clear views (issue 6)
