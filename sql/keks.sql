@@ -13,9 +13,8 @@ SELECT envelope.create_kek(NULL, 'vault', 'x');
 SELECT envelope.rotate_kek('no_such_kek');
 
 -- The registry is extension configuration, so pg_dump keeps it.
-SELECT c.relname, array_length(e.extconfig, 1) AS config_tables
-FROM pg_extension e JOIN pg_class c ON c.oid = ANY (e.extconfig)
-WHERE e.extname = 'envelope';
+SELECT 'envelope.kek'::regclass = ANY (e.extconfig) AS registry_is_dumped
+FROM pg_extension e WHERE e.extname = 'envelope';
 
 -- Unknown KEK, and no KEK at all.
 SELECT enc('x', 'no_such_kek');
