@@ -37,7 +37,6 @@ changed, KMS fault mode "none"), also on failure.  Tables, KEK registry rows
 and the temporary second cluster it creates are removed.
 Exit status: 0 if every test passed, 1 if one failed, 2 if the environment is missing.
 """
-import json
 import os
 import re
 import shutil
@@ -49,9 +48,11 @@ import tempfile
 import threading
 import time
 import traceback
-import urllib.request
 
 import psycopg2
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from envtest import admin, set_fault  # noqa: E402
 import psycopg2.extensions
 import requests
 
@@ -68,7 +69,7 @@ STATS_COLUMNS = [
     ("hits", "bigint"), ("misses", "bigint"), ("expirations", "bigint"), ("evictions", "bigint"),
     ("stale_uses", "bigint"),
     ("kms_key_info", "bigint"), ("kms_generate", "bigint"), ("kms_wrap", "bigint"),
-    ("kms_unwrap", "bigint"), ("kms_rewrap", "bigint"), ("kms_rotate", "bigint"),
+    ("kms_unwrap", "bigint"), ("kms_rewrap", "bigint"), ("kms_rotate", "bigint"), ("kms_configure", "bigint"),
     ("kms_retries", "bigint"), ("kms_errors", "bigint"),
     ("last_kms_error", "timestamp with time zone"),
     ("kms_connections", "bigint"), ("memory_locked", "boolean"),
@@ -138,22 +139,6 @@ def qall(conn, sql, args=None):
 def run(conn, sql, args=None):
     with conn.cursor() as cur:
         cur.execute(sql, args)
-
-
-def admin(method, path, body=None):
-    """The test KMS's admin API (plain HTTP on loopback)."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(os.environ["ENVELOPE_KMS_ADMIN"] + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def set_fault(mode, count=None):
-    body = {"mode": mode}
-    if count is not None:
-        body["count"] = count
-    return admin("POST", "/fault", body)
 
 
 def kms_decrypts():

@@ -25,10 +25,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
 
 import psycopg2
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from envtest import SummaryResult  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PGBIN = "/usr/lib/postgresql/15/bin"
@@ -368,51 +370,6 @@ class CopyRoundTrip(Base):
         finally:
             conn.close()
 
-
-class SummaryResult(unittest.TextTestResult):
-    """One line per test: PASS/FAIL/ERROR, name, time and the first problem."""
-
-    def startTest(self, test):
-        self._t0 = time.monotonic()
-        self._problems = []
-        unittest.TestResult.startTest(self, test)
-
-    def _note(self, status, what, err):
-        text = str(err[1]).strip().splitlines()
-        self._problems.append((status, what, text[0][:240] if text else err[0].__name__))
-
-    def addFailure(self, test, err):
-        unittest.TestResult.addFailure(self, test, err)
-        self._note("FAIL", test, err)
-
-    def addError(self, test, err):
-        unittest.TestResult.addError(self, test, err)
-        if not hasattr(self, "_problems") or not isinstance(test, unittest.TestCase):
-            # setUpModule / setUpClass errors come without startTest
-            self.stream.writeln("ERROR %s: %s" % (test, str(err[1]).strip().splitlines()[0][:240]))
-            return
-        self._note("ERROR", test, err)
-
-    def addSubTest(self, test, subtest, err):
-        unittest.TestResult.addSubTest(self, test, subtest, err)
-        if err is not None:
-            self._note("FAIL" if issubclass(err[0], test.failureException) else "ERROR", subtest, err)
-
-    def stopTest(self, test):
-        unittest.TestResult.stopTest(self, test)
-        name = test.id().split(".", 1)[-1]
-        took = time.monotonic() - self._t0
-        if not self._problems:
-            status, why = ("SKIP", "") if any(t is test for t, _ in self.skipped) else ("PASS", "")
-        else:
-            status = "ERROR" if any(p[0] == "ERROR" for p in self._problems) else "FAIL"
-            first = self._problems[0]
-            where = first[1]._subDescription() if hasattr(first[1], "_subDescription") else ""
-            more = " (+%d more)" % (len(self._problems) - 1) if len(self._problems) > 1 else ""
-            why = ": %s%s%s" % (where + " " if where else "", first[2], more)
-        self.stream.writeln("%-5s %s (%.2f s)%s" % (status, name, took, why))
-        self.stream.flush()
-        self._problems = []
 
 
 def main():
