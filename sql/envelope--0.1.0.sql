@@ -445,7 +445,6 @@ REVOKE ALL ON PROCEDURE envelope.rewrap_column(pg_catalog.regclass, pg_catalog.n
 -- left behind by another role's dropped table never applies).  No regclass
 -- columns, so pg_upgrade works.
 CREATE TABLE envelope.clear_view_column (
-	id				pg_catalog.int8 GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
 	relid			pg_catalog.oid NOT NULL,
 	relschema		pg_catalog.name NOT NULL,
 	relname			pg_catalog.name NOT NULL,
@@ -454,12 +453,12 @@ CREATE TABLE envelope.clear_view_column (
 	as_type			pg_catalog.text NOT NULL DEFAULT 'text'
 		CHECK (as_type OPERATOR(pg_catalog.=) 'text' OR as_type OPERATOR(pg_catalog.=) 'bytea'),
 	context_expr	pg_catalog.text,
-	set_at			pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.now()
+	set_at			pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	PRIMARY KEY (relschema, relname, column_name, relowner)
 );
 COMMENT ON TABLE envelope.clear_view_column IS
 	'per-column choices for envelope.create_clear_view (decrypt as text or bytea, row context expression); change through envelope.set_clear_column';
 SELECT pg_catalog.pg_extension_config_dump('envelope.clear_view_column', '');
-SELECT pg_catalog.pg_extension_config_dump('envelope.clear_view_column_id_seq', '');
 
 -- May the current user change a configuration row of this table?  Its owner
 -- (or a member of the owner role) may; so may the role the row records as
@@ -506,13 +505,13 @@ BEGIN
 	  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 	 WHERE c.oid = NEW.relid;
 	IF NOT FOUND OR t.relkind NOT IN ('r', 'p') OR NOT pg_has_role(t.relowner, 'USAGE') THEN
-		RAISE EXCEPTION 'must be owner of the table with OID %', NEW.relid
+		RAISE EXCEPTION 'must be owner of table %', NEW.relid::regclass
 			USING ERRCODE = 'insufficient_privilege',
 				  HINT = 'Use envelope.set_clear_column().';
 	END IF;
 	IF NEW.relschema IS DISTINCT FROM t.nspname OR NEW.relname IS DISTINCT FROM t.relname
 	   OR NEW.relowner IS DISTINCT FROM t.owner_name THEN
-		RAISE EXCEPTION 'relschema, relname and relowner must describe the table with OID %', NEW.relid
+		RAISE EXCEPTION 'relschema, relname and relowner must describe table %', NEW.relid::regclass
 			USING ERRCODE = 'invalid_parameter_value',
 				  HINT = 'Use envelope.set_clear_column().';
 	END IF;
@@ -534,7 +533,7 @@ AS $$
 	 WHERE r.oid = tbl AND n.oid = r.relnamespace
 	   AND cf.relschema = n.nspname AND cf.relname = r.relname
 	   AND (cf.relid = r.oid OR cf.relowner = pg_get_userbyid(r.relowner))
-	 ORDER BY cf.column_name, (cf.relid = r.oid) DESC, cf.id DESC
+	 ORDER BY cf.column_name, (cf.relid = r.oid) DESC, cf.set_at DESC
 $$;
 
 CREATE FUNCTION envelope.set_clear_column(tbl pg_catalog.regclass, col pg_catalog.name,
@@ -831,8 +830,8 @@ BEGIN
 		ins_body := ins_body || format(E'\tSELECT %s INTO %s FROM (SELECT NEW.*) AS %s;\n',
 									   array_to_string(ctx_new, ', '), array_to_string(ctx_vars_n, ', '), qalias);
 	END IF;
-	ins_body := ins_body || format(E'\tINSERT INTO %s%s (%s)\n\t\tVALUES (%s)\n\t\tRETURNING * INTO _env_r;\n%s\tRETURN NEW;\nEND\n',
-								   qtbl, overriding, array_to_string(ins_cols, ', '), array_to_string(ins_vals, ', '), mapback);
+	ins_body := ins_body || format(E'\tINSERT INTO %s (%s)%s\n\t\tVALUES (%s)\n\t\tRETURNING * INTO _env_r;\n%s\tRETURN NEW;\nEND\n',
+								   qtbl, array_to_string(ins_cols, ', '), overriding, array_to_string(ins_vals, ', '), mapback);
 
 	-- UPDATE: by primary key; an encrypted column is encrypted again only if
 	-- its plaintext or its context changed, otherwise its ciphertext is kept.
