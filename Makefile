@@ -18,7 +18,7 @@ DATA         = sql/$(EXTENSION)--$(EXTVERSION).sql
 PG_CPPFLAGS  = -I$(srcdir)/src -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers
 SHLIB_LINK   = -lcurl -lcrypto
 
-REGRESS      = setup format roundtrip tamper context rotate rotation_ops keks errors
+REGRESS      = setup format roundtrip tamper context rotate rotation_ops clear_view keks errors
 REGRESS_OPTS = --inputdir=$(srcdir) --load-extension=$(EXTENSION)
 
 PG_CONFIG   ?= pg_config

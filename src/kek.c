@@ -145,20 +145,37 @@ registry_load(void)
 bool
 kek_lookup(const char *name, KekInfo *out, bool missing_ok)
 {
-	if (!registry_valid)
-		registry_load();
-	for (int i = 0; i < registry_count; i++)
+	bool		reloaded = false;
+
+	for (;;)
 	{
-		if (strcmp(registry[i].name, name) == 0)
+		if (!registry_valid)
 		{
-			*out = registry[i];
-			if (out->provider == NULL)
-				ereport(ERROR,
-						(errcode(ERRCODE_UNDEFINED_OBJECT),
-						 errmsg("KMS provider \"%s\" of KEK \"%s\" is not available in this build",
-								out->provider_name, name)));
-			return true;
+			registry_load();
+			reloaded = true;
 		}
+		for (int i = 0; i < registry_count; i++)
+		{
+			if (strcmp(registry[i].name, name) == 0)
+			{
+				*out = registry[i];
+				if (out->provider == NULL)
+					ereport(ERROR,
+							(errcode(ERRCODE_UNDEFINED_OBJECT),
+							 errmsg("KMS provider \"%s\" of KEK \"%s\" is not available in this build",
+									out->provider_name, name)));
+				return true;
+			}
+		}
+		if (reloaded)
+			break;
+
+		/*
+		 * A name we do not know may have arrived without an invalidation
+		 * (rows applied by logical replication fire no triggers): read the
+		 * registry again once before giving up.
+		 */
+		registry_valid = false;
 	}
 	if (!missing_ok)
 		ereport(ERROR,
@@ -166,6 +183,16 @@ kek_lookup(const char *name, KekInfo *out, bool missing_ok)
 				 errmsg("KEK \"%s\" does not exist", name),
 				 errhint("Register it with envelope.create_kek(), or see envelope.keks for the registered KEKs.")));
 	return false;
+}
+
+/* True if a registered KEK has the provider and key the value names. */
+static bool
+kek_matches(const KekInfo *kek, const EnvKekRef *ref)
+{
+	return strlen(kek->provider_name) == (size_t) ref->provider_len &&
+		memcmp(kek->provider_name, ref->provider, ref->provider_len) == 0 &&
+		strlen(kek->key_ref) == (size_t) ref->key_ref_len &&
+		memcmp(kek->key_ref, ref->key_ref, ref->key_ref_len) == 0;
 }
 
 /* The KEK a value names, checked against the registry (raises on mismatch). */
@@ -181,10 +208,16 @@ kek_for_value(const EnvKekRef *ref, KekInfo *out)
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("KEK \"%s\" of this value does not exist", name),
 				 errhint("Register the KEK with envelope.create_kek() using the provider and key reference shown by envelope.metadata().")));
-	if (strlen(out->provider_name) != (size_t) ref->provider_len ||
-		memcmp(out->provider_name, ref->provider, ref->provider_len) != 0 ||
-		strlen(out->key_ref) != (size_t) ref->key_ref_len ||
-		memcmp(out->key_ref, ref->key_ref, ref->key_ref_len) != 0)
+	if (!kek_matches(out, ref))
+	{
+		/* The registry may have changed without an invalidation: re-read once. */
+		registry_valid = false;
+		if (!kek_lookup(name, out, true))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("KEK \"%s\" of this value does not exist", name)));
+	}
+	if (!kek_matches(out, ref))
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_CORRUPTED),
 				 errmsg("KMS key of this value does not match KEK \"%s\"", name),
