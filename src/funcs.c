@@ -234,7 +234,16 @@ decrypt_value(FunctionCallInfo fcinfo)
 
 	PG_TRY();
 	{
-		from_kms = keycache_unwrap(&kek, &wrapped, dek);
+		/*
+		 * A value on a retired version never uses the cache: the KMS decides
+		 * (it refuses, unless the retirement was rolled back there).  This
+		 * also holds on a standby, where the trigger that wipes retired keys
+		 * from the cache does not run.
+		 */
+		if ((int32) v.kek.kek_version < kek.min_decryption_version)
+			kms_unwrap(kek.provider, kek.key_ref, &wrapped, dek);
+		else
+			from_kms = keycache_unwrap(&kek, &wrapped, dek);
 		env_derive_value_key(dek, v.salt, value_key, commit);
 		committed = env_equal_ct(commit, v.commit, ENV_COMMIT_LEN);
 		/* Cache a key from the KMS only once the commitment vouches for it. */
@@ -334,7 +343,10 @@ rewrap_key(const EnvValue *v, const KekInfo *from, const KekInfo *target, KmsWra
 			kms_rewrap(from->provider, from->key_ref, &in, out);
 		else
 		{
-			bool		from_kms = keycache_unwrap(from, &in, dek);
+			/* A retired version is the KMS's call, never the cache's. */
+			bool		from_kms = ((int32) in.version < from->min_decryption_version) ?
+				(kms_unwrap(from->provider, from->key_ref, &in, dek), false) :
+				keycache_unwrap(from, &in, dek);
 
 			/* Never wrap a wrong key under the target: check it first. */
 			env_derive_value_key(dek, v->salt, value_key, commit);

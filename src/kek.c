@@ -99,7 +99,8 @@ registry_load(void)
 	SPI_connect();
 	PG_TRY();
 	{
-		plan = SPI_prepare("SELECT name, provider, key_ref, latest_version FROM envelope.kek",
+		plan = SPI_prepare("SELECT name, provider, key_ref, latest_version, min_decryption_version "
+						   "FROM envelope.kek",
 						   0, NULL);
 		if (plan == NULL ||
 			SPI_execute_snapshot(plan, NULL, NULL,
@@ -125,6 +126,7 @@ registry_load(void)
 			s = SPI_getvalue(tup, desc, 3);
 			strlcpy(fresh[i].key_ref, s, sizeof(fresh[i].key_ref));
 			fresh[i].latest_version = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
+			fresh[i].min_decryption_version = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
 		}
 	}
 	PG_CATCH();

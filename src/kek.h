@@ -19,6 +19,7 @@ typedef struct KekInfo
 	const KmsProvider *provider;
 	char		key_ref[ENV_MAX_KEYREF_LEN + 1];
 	int32		latest_version;
+	int32		min_decryption_version; /* versions below are retired */
 } KekInfo;
 
 /* Look up a KEK by name into *out; false (or an error) if it is not registered. */
