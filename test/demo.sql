@@ -1,5 +1,10 @@
 -- A short tour of envelope: encrypt a table, read it through a view, look
 -- at a value's metadata, rotate the KEK, rewrap, and decrypt again.
+DO $$ BEGIN
+	IF to_regclass('customers_clear') IS NOT NULL THEN
+		PERFORM envelope.drop_clear_view('customers_clear');
+	END IF;
+END $$;
 DROP TABLE IF EXISTS customers CASCADE;
 
 SELECT name, provider, key_ref, latest_version FROM envelope.keks;
@@ -16,7 +21,10 @@ SELECT id, name, left(ssn::text, 40) || '...' AS ssn_stored FROM customers;
 -- Reading it back (dec_bytea is dec under a name that needs no quoting).
 SELECT id, dec_text(ssn) AS ssn, dec_bytea(photo) AS photo FROM customers ORDER BY id;
 
-CREATE VIEW customers_clear AS SELECT id, name, dec_text(ssn) AS ssn FROM customers;
+-- A decrypting, writable view for applications and ORMs.
+SELECT envelope.set_clear_column('customers', 'photo', 'bytea');
+SELECT envelope.create_clear_view('customers');
+INSERT INTO customers_clear (id, name, ssn) VALUES (3, 'Edsger', '111-22-3333');
 SELECT * FROM customers_clear ORDER BY id;
 
 -- Every value describes itself.
