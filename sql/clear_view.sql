@@ -287,3 +287,21 @@ DROP ROLE regress_cv_owner;
 -- table created later with the same name and owner would use them.
 SELECT relname, column_name, context_expr FROM envelope.clear_view_column;
 DELETE FROM envelope.clear_view_column WHERE relname = 'cv_badctx';
+
+-- Context expressions are single expressions, checked with the owner's rights.
+CREATE TABLE cv_inj (id int PRIMARY KEY, s enc_bytea, g int GENERATED ALWAYS AS (id * 2) STORED);
+SELECT envelope.set_clear_column('cv_inj', 's', 'text', $$NULL::bytea) AS x) AS s ON true CROSS JOIN LATERAL (SELECT 1) AS e --$$);
+SELECT envelope.create_clear_view('cv_inj');
+SELECT envelope.set_clear_column('cv_inj', 's', 'text', $$convert_to('a', 'UTF8'); SELECT 1$$);
+SELECT envelope.create_clear_view('cv_inj');
+-- Generated columns are computed after the triggers: not usable in a context.
+SELECT envelope.set_clear_column('cv_inj', 's', 'text', $$int4send(g)$$);
+SELECT envelope.create_clear_view('cv_inj');
+-- Renaming the table keeps its choices.
+SELECT envelope.set_clear_column('cv_inj', 's', 'text', $$int4send(id)$$);
+ALTER TABLE cv_inj RENAME TO cv_inj2;
+SELECT envelope.create_clear_view('cv_inj2');
+INSERT INTO cv_inj2_clear (id, s) VALUES (1, 'bound to its id');
+SELECT dec_text(s, int4send(id)) AS bound FROM cv_inj2;
+SELECT envelope.drop_clear_view('cv_inj2_clear');
+DROP TABLE cv_inj2;

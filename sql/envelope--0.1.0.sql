@@ -522,6 +522,45 @@ CREATE TRIGGER clear_view_column_check BEFORE INSERT OR UPDATE OR DELETE ON enve
 	FOR EACH ROW EXECUTE FUNCTION envelope._clear_view_column_check();
 GRANT SELECT, INSERT, UPDATE, DELETE ON envelope.clear_view_column TO PUBLIC;
 
+-- True if text can only be one SQL expression: parentheses balanced outside
+-- quoted literals and identifiers, no semicolon, no comment.
+CREATE FUNCTION envelope._is_single_expression(expr pg_catalog.text) RETURNS pg_catalog.bool
+	LANGUAGE plpgsql IMMUTABLE
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	depth	int := 0;
+	q		text := NULL;		-- the quote we are inside, if any
+	ch		text;
+	nxt		text;
+BEGIN
+	IF expr IS NULL OR btrim(expr) = '' OR position('$' IN expr) > 0 THEN
+		RETURN false;
+	END IF;
+	FOR i IN 1 .. length(expr) LOOP
+		ch := substr(expr, i, 1);
+		nxt := substr(expr, i + 1, 1);
+		IF q IS NOT NULL THEN
+			IF ch = q THEN
+				q := NULL;		-- a doubled quote reopens at once, which is fine
+			END IF;
+		ELSIF ch IN ('''', '"') THEN
+			q := ch;
+		ELSIF ch = ';' OR (ch = '-' AND nxt = '-') OR (ch = '/' AND nxt = '*') THEN
+			RETURN false;
+		ELSIF ch = '(' THEN
+			depth := depth + 1;
+		ELSIF ch = ')' THEN
+			depth := depth - 1;
+			IF depth < 0 THEN
+				RETURN false;
+			END IF;
+		END IF;
+	END LOOP;
+	RETURN depth = 0 AND q IS NULL;
+END
+$$;
+
 -- The choices that apply to a table, one row per configured column.
 CREATE FUNCTION envelope._clear_view_config(tbl pg_catalog.regclass)
 	RETURNS TABLE (column_name pg_catalog.name, as_type pg_catalog.text, context_expr pg_catalog.text)
@@ -531,8 +570,9 @@ AS $$
 	SELECT DISTINCT ON (cf.column_name) cf.column_name, cf.as_type, cf.context_expr
 	  FROM envelope.clear_view_column cf, pg_class r, pg_namespace n
 	 WHERE r.oid = tbl AND n.oid = r.relnamespace
-	   AND cf.relschema = n.nspname AND cf.relname = r.relname
-	   AND (cf.relid = r.oid OR cf.relowner = pg_get_userbyid(r.relowner))
+	   AND (cf.relid = r.oid
+			OR (cf.relschema = n.nspname AND cf.relname = r.relname
+				AND cf.relowner = pg_get_userbyid(r.relowner)))
 	 ORDER BY cf.column_name, (cf.relid = r.oid) DESC, cf.set_at DESC
 $$;
 
@@ -605,6 +645,8 @@ DECLARE
 	kek_lit		text;
 	pk			text[];
 	plain_cols	text[] := '{}';		-- columns stored as they are (view and contexts see them)
+	plain_names	text[] := '{}';		-- the same, as quoted names (concurrent-change check)
+	orig_role	text := current_user;
 	sel			text[] := '{}';		-- the view's select list
 	defaults	text[] := '{}';		-- ALTER VIEW ... SET DEFAULT statements
 	ins_pre		text := '';			-- INSERT: checks and identity values
@@ -628,7 +670,7 @@ DECLARE
 	upd_body	text;
 	del_body	text;
 BEGIN
-	SELECT c.oid, n.nspname, c.relname, c.relkind, c.relowner
+	SELECT c.oid, n.nspname, c.relname, c.relkind, c.relowner, pg_get_userbyid(c.relowner) AS owner_name
 	  INTO t
 	  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 	 WHERE c.oid = tbl;
@@ -702,7 +744,8 @@ BEGIN
 	-- pg_catalog, so they come out schema-qualified.
 	SELECT COALESCE(array_agg(format('%s.%I', qalias, att.attname) ORDER BY att.attnum), '{}') INTO plain_cols
 	  FROM pg_attribute att
-	 WHERE att.attrelid = tbl AND att.attnum > 0 AND NOT att.attisdropped AND att.atttypid <> enc_type;
+	 WHERE att.attrelid = tbl AND att.attnum > 0 AND NOT att.attisdropped AND att.atttypid <> enc_type
+	   AND att.attgenerated = '';	-- generated columns are computed after the triggers
 
 	FOR a IN
 		SELECT att.attname, att.atttypid, att.attgenerated, att.attidentity,
@@ -721,18 +764,33 @@ BEGIN
 			IF a.context_expr IS NOT NULL THEN
 				-- Check the expression: over the unencrypted columns only (the
 				-- triggers see plaintext where the view sees ciphertext), bytea.
+				-- The expression is SQL text written by the table's owner: it must
+				-- be one expression (balanced parentheses outside literals, no
+				-- statement separators or comments), and it is checked with the
+				-- owner's privileges, never the caller's.
+				IF NOT envelope._is_single_expression(a.context_expr) THEN
+					RAISE EXCEPTION 'invalid context expression for column "%"', a.attname
+						USING ERRCODE = 'invalid_parameter_value',
+							  DETAIL = 'A context expression must be a single expression, with balanced parentheses and no semicolons or comments.';
+				END IF;
 				PERFORM set_config('search_path', caller_search_path, true);
 				BEGIN
+					IF t.owner_name <> current_user THEN
+						EXECUTE format('SET LOCAL ROLE %I', t.owner_name);
+					END IF;
 					EXECUTE format('SELECT pg_catalog.pg_typeof(s.x)::pg_catalog.oid FROM (VALUES (1)) AS v(one) '
 								   'LEFT JOIN (SELECT (%s) AS x FROM (SELECT %s FROM %s LIMIT 0) AS %s) AS s ON true',
 								   a.context_expr, array_to_string(plain_cols, ', '), qtbl, qalias)
 						INTO ctx_type;
+					IF t.owner_name <> orig_role THEN
+						EXECUTE format('SET LOCAL ROLE %I', orig_role);
+					END IF;
 				EXCEPTION WHEN OTHERS THEN
 					GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT;
 					PERFORM set_config('search_path', safe_path, true);
 					RAISE EXCEPTION 'invalid context expression for column "%": %', a.attname, msg
 						USING ERRCODE = 'invalid_parameter_value',
-							  HINT = 'A context expression may use only the columns of the table that are not encrypted, and returns bytea.';
+							  HINT = 'A context expression may use only the columns of the table that are stored as they are (not encrypted, not generated), and returns bytea.';
 				END;
 				PERFORM set_config('search_path', safe_path, true);
 				IF ctx_type <> 'bytea'::regtype THEN
@@ -774,6 +832,7 @@ BEGIN
 		ELSE
 			------------------------------------------------------------ stored as is
 			sel := sel || format('%s.%I', qalias, a.attname);
+			plain_names := plain_names || format('%I', a.attname);
 			mapback := mapback || format(E'\tNEW.%I := _env_r.%I;\n', a.attname, a.attname);
 			IF a.attgenerated <> '' THEN
 				ins_pre := ins_pre || format(E'\tIF NEW.%I IS NOT NULL THEN\n\t\tRAISE EXCEPTION %L USING ERRCODE = %L, DETAIL = %L;\n\tEND IF;\n',
@@ -835,7 +894,21 @@ BEGIN
 
 	-- UPDATE: by primary key; an encrypted column is encrypted again only if
 	-- its plaintext or its context changed, otherwise its ciphertext is kept.
-	upd_body := format(E'\n#variable_conflict use_column\nDECLARE\n\t_env_r record;\n%sBEGIN\n%s', decl, upd_pre);
+	upd_body := format(E'\n#variable_conflict use_column\nDECLARE\n\t_env_r record;\n\t_env_cur record;\n%sBEGIN\n%s', decl, upd_pre);
+	-- Lock the row and refuse if another transaction changed it since the
+	-- view read it: writing OLD's other columns back would undo that change
+	-- (and could re-encrypt under a stale context).
+	upd_body := upd_body || format(E'\tSELECT * INTO _env_cur FROM %s AS _env_t WHERE %s FOR UPDATE;\n'
+		|| E'\tIF NOT FOUND THEN\n\t\tRETURN NULL;\n\tEND IF;\n',
+		qtbl, (SELECT string_agg(format('_env_t.%s = OLD.%s', k, k), ' AND ') FROM unnest(pk) k));
+	IF cardinality(plain_names) > 0 THEN
+		upd_body := upd_body || format(E'\tIF ROW(%s) IS DISTINCT FROM ROW(%s) THEN\n'
+			|| E'\t\tRAISE EXCEPTION %L USING ERRCODE = %L, HINT = %L;\n\tEND IF;\n',
+			(SELECT string_agg('_env_cur.' || n, ', ') FROM unnest(plain_names) n),
+			(SELECT string_agg('OLD.' || n, ', ') FROM unnest(plain_names) n),
+			format('could not update a row of %s: another transaction changed it', qview), 'serialization_failure',
+			'Retry the transaction.');
+	END IF;
 	IF nctx > 0 THEN
 		upd_body := upd_body || format(E'\tSELECT %s INTO %s FROM (SELECT NEW.*) AS %s;\n\tSELECT %s INTO %s FROM (SELECT OLD.*) AS %s;\n',
 									   array_to_string(ctx_new, ', '), array_to_string(ctx_vars_n, ', '), qalias,
