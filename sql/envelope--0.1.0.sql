@@ -192,11 +192,52 @@ COMMENT ON FUNCTION envelope.audit_event(pg_catalog.text, pg_catalog.text, pg_ca
 CREATE FUNCTION envelope._kms_retire(name pg_catalog.text, version pg_catalog.int4) RETURNS pg_catalog.int4
 	AS 'MODULE_PATHNAME', 'envelope_kms_retire' LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE;
 
+-- Columns that hold enc_bytea values: of the type itself or a domain over it
+-- ('direct'), or inside arrays or composite types ('nested', not countable
+-- by kek_usage).  Other sessions' temporary tables and unpopulated
+-- materialized views cannot be read and are left out.
+CREATE FUNCTION envelope._enc_columns(tbl pg_catalog.regclass DEFAULT NULL)
+	RETURNS TABLE (relid pg_catalog.oid, attname pg_catalog.name, attnum pg_catalog.int2, nested pg_catalog.bool)
+	LANGUAGE sql STABLE
+	SET search_path = pg_catalog, pg_temp
+AS $$
+	WITH RECURSIVE holders(typid, nested) AS (
+		SELECT '@extschema@.enc_bytea'::pg_catalog.regtype::pg_catalog.oid, false
+		UNION
+		SELECT x.oid, x.nested
+		  FROM holders h, LATERAL (
+				-- domains over it
+				SELECT t.oid, h.nested FROM pg_catalog.pg_type t
+				 WHERE t.typbasetype OPERATOR(pg_catalog.=) h.typid
+				UNION ALL
+				-- arrays of it
+				SELECT t.oid, true FROM pg_catalog.pg_type t
+				 WHERE t.typelem OPERATOR(pg_catalog.=) h.typid AND t.typcategory OPERATOR(pg_catalog.=) 'A'
+				UNION ALL
+				-- composite types with a field of it
+				SELECT c.reltype, true
+				  FROM pg_catalog.pg_attribute ca JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) ca.attrelid
+				 WHERE ca.atttypid OPERATOR(pg_catalog.=) h.typid AND NOT ca.attisdropped
+				   AND c.relkind OPERATOR(pg_catalog.=) 'c') x
+	)
+	SELECT a.attrelid, a.attname, a.attnum, pg_catalog.bool_or(h.nested)
+	  FROM pg_catalog.pg_attribute a
+	  JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid
+	  JOIN holders h ON h.typid OPERATOR(pg_catalog.=) a.atttypid
+	 WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+	   AND c.relkind IN ('r', 'm') AND c.relispopulated
+	   AND NOT pg_catalog.pg_is_other_temp_schema(c.relnamespace)
+	   AND (tbl IS NULL OR c.oid OPERATOR(pg_catalog.=) tbl
+			OR c.oid IN (SELECT t.relid FROM pg_catalog.pg_partition_tree(tbl) t))
+	 GROUP BY 1, 2, 3
+$$;
+
 CREATE FUNCTION envelope.kek_usage(tbl pg_catalog.regclass DEFAULT NULL, col pg_catalog.name DEFAULT NULL)
 	RETURNS TABLE (relation pg_catalog.regclass, column_name pg_catalog.name, kek pg_catalog.text,
 				   kek_version pg_catalog.int4, value_count pg_catalog.int8)
 	LANGUAGE plpgsql STABLE
 	SET search_path = pg_catalog, pg_temp
+	SET row_security = off		-- count every row, or fail: never filter
 AS $$
 DECLARE
 	r record;
@@ -207,20 +248,15 @@ BEGIN
 				  HINT = 'Call envelope.kek_usage(table, column).';
 	END IF;
 	FOR r IN
-		SELECT a.attrelid::pg_catalog.regclass AS rel, a.attname AS att
-		FROM pg_catalog.pg_attribute a
-		JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid
-		WHERE a.atttypid OPERATOR(pg_catalog.=) '@extschema@.enc_bytea'::pg_catalog.regtype
-		  AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
-		  AND c.relkind IN ('r', 'm')
-		  AND (tbl IS NULL OR c.oid OPERATOR(pg_catalog.=) tbl
-			   OR c.oid IN (SELECT t.relid FROM pg_catalog.pg_partition_tree(tbl) t))
-		  AND (col IS NULL OR a.attname OPERATOR(pg_catalog.=) col)
-		ORDER BY 1, a.attnum
+		SELECT e.relid::pg_catalog.regclass AS rel, e.attname AS att
+		  FROM envelope._enc_columns(tbl) e
+		 WHERE NOT e.nested AND (col IS NULL OR e.attname OPERATOR(pg_catalog.=) col)
+		 ORDER BY 1, e.attnum
 	LOOP
+		-- ONLY: an inheritance parent's children are counted on their own.
 		RETURN QUERY EXECUTE pg_catalog.format(
-			'SELECT %L::pg_catalog.regclass, %L::pg_catalog.name, envelope.kek_of(%I), '
-			'envelope.kek_version_of(%I), pg_catalog.count(*) FROM %s WHERE %I IS NOT NULL '
+			'SELECT %L::pg_catalog.regclass, %L::pg_catalog.name, envelope.kek_of(%I::@extschema@.enc_bytea), '
+			'envelope.kek_version_of(%I::@extschema@.enc_bytea), pg_catalog.count(*) FROM ONLY %s WHERE %I IS NOT NULL '
 			'GROUP BY 3, 4 ORDER BY 3, 4',
 			r.rel, r.att, r.att, r.att, r.rel, r.att);
 	END LOOP;
@@ -338,7 +374,7 @@ BEGIN
 	-- changed meanwhile is seen in its new version (never overwritten with
 	-- an older value) and skipped if it no longer needs a rewrap.
 	upd := pg_catalog.format(
-		'UPDATE %s SET %I = @extschema@.rewrap(%I, $3) '
+		'UPDATE ONLY %s SET %I = @extschema@.rewrap(%I, $3) '
 		'WHERE ctid OPERATOR(pg_catalog.>=) $1 AND ctid OPERATOR(pg_catalog.<) $2 '
 		'AND envelope.needs_rewrap(%I, $3)', tbl, col, col, col);
 	WHILE blk OPERATOR(pg_catalog.<) nblocks LOOP
@@ -393,10 +429,12 @@ CREATE FUNCTION envelope.retire_kek_version(kek pg_catalog.text, version pg_cata
 	RETURNS pg_catalog.int4
 	LANGUAGE plpgsql
 	SET search_path = pg_catalog, pg_temp
+	SET row_security = off
 AS $$
 DECLARE
 	n		pg_catalog.int8;
 	detail	pg_catalog.text;
+	since	pg_catalog.timestamptz;
 BEGIN
 	IF NOT EXISTS (SELECT 1 FROM envelope.kek k WHERE k.name OPERATOR(pg_catalog.=) retire_kek_version.kek) THEN
 		RAISE EXCEPTION 'KEK "%" does not exist', retire_kek_version.kek USING ERRCODE = 'undefined_object';
@@ -406,6 +444,34 @@ BEGIN
 		RAISE EXCEPTION 'cannot retire the latest version of KEK "%"', retire_kek_version.kek
 			USING ERRCODE = 'invalid_parameter_value',
 				  HINT = 'Rotate the KEK first with envelope.rotate_kek(), then rewrap.';
+	END IF;
+	-- Values inside arrays or composite types cannot be counted: refuse.
+	SELECT pg_catalog.string_agg(pg_catalog.format('%s.%I', e.relid::pg_catalog.regclass, e.attname), ', ')
+	  INTO detail FROM envelope._enc_columns() e WHERE e.nested;
+	IF detail IS NOT NULL THEN
+		RAISE EXCEPTION 'cannot retire version % of KEK "%": some columns hold enc_bytea values inside arrays or composite types',
+			retire_kek_version.version, retire_kek_version.kek
+			USING ERRCODE = 'feature_not_supported',
+				  DETAIL = pg_catalog.format('Columns: %s.', detail),
+				  HINT = 'Move those values to enc_bytea columns, or rewrap them yourself and retire the version in the KMS.';
+	END IF;
+	-- A transaction that began before the rotation may hold values on the
+	-- old version that kek_usage() cannot see yet.
+	SELECT COALESCE(k.rotated_at, k.created_at) INTO since FROM envelope.kek k
+	 WHERE k.name OPERATOR(pg_catalog.=) retire_kek_version.kek;
+	SELECT pg_catalog.string_agg(a.pid::pg_catalog.text, ', ') INTO detail
+	  FROM pg_catalog.pg_stat_activity a
+	 WHERE a.xact_start OPERATOR(pg_catalog.<) since AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid();
+	IF detail IS NULL THEN
+		SELECT pg_catalog.string_agg(p.gid, ', ') INTO detail
+		  FROM pg_catalog.pg_prepared_xacts p WHERE p.prepared OPERATOR(pg_catalog.<) since;
+	END IF;
+	IF detail IS NOT NULL THEN
+		RAISE EXCEPTION 'cannot retire version % of KEK "%" yet: transactions that began before its last rotation are still open',
+			retire_kek_version.version, retire_kek_version.kek
+			USING ERRCODE = 'object_in_use',
+				  DETAIL = pg_catalog.format('Open since before the rotation: %s.', detail),
+				  HINT = 'They may hold values on the old version that are not visible yet; retry when they have ended.';
 	END IF;
 	SELECT pg_catalog.sum(u.value_count),
 		   pg_catalog.string_agg(pg_catalog.format('%s.%s has %s values on version %s',

@@ -69,6 +69,19 @@ SELECT envelope.cache_flush() >= 0 AS flushed;
 SELECT try_dec(raw(a_text::enc_bytea)) AS old_value FROM ops_old;
 SELECT dec_text(a) AS current_value FROM ops WHERE id = 1;
 
+-- Values of a domain over enc_bytea are counted; values inside arrays make
+-- retirement refuse (they cannot be counted).
+CREATE DOMAIN ops_encd AS enc_bytea;
+CREATE TABLE ops_nest (id int, d ops_encd, arr enc_bytea[]);
+INSERT INTO ops_nest VALUES (1, enc('d', 'regress_ret')::ops_encd, NULL);
+SELECT u.relation, u.column_name, u.kek, u.value_count FROM envelope.kek_usage('ops_nest') u;
+INSERT INTO ops_nest VALUES (2, NULL, ARRAY[enc('x', 'regress_ret')]);
+\set VERBOSITY sqlstate
+SELECT envelope.retire_kek_version('regress_ret', (SELECT v FROM rv0));
+\set VERBOSITY default
+DROP TABLE ops_nest;
+DROP DOMAIN ops_encd;
+
 -- Argument errors.
 CALL envelope.rewrap_column('ops', 'id');
 CALL envelope.rewrap_column('ops', 'a', 0);

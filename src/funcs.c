@@ -331,6 +331,7 @@ rewrap_key(const EnvValue *v, const KekInfo *from, const KekInfo *target, KmsWra
 	uint8		value_key[ENV_KEY_LEN];
 	uint8		commit[ENV_COMMIT_LEN];
 	volatile bool ok = true;
+	volatile bool claimed = false;	/* a cache claim keycache_unwrap() left us */
 	bool		same_kek = strcmp(from->name, target->name) == 0;
 
 	value_wrapped(v, &in);
@@ -344,23 +345,23 @@ rewrap_key(const EnvValue *v, const KekInfo *from, const KekInfo *target, KmsWra
 		else
 		{
 			/* A retired version is the KMS's call, never the cache's. */
-			bool		from_kms = ((int32) in.version < from->min_decryption_version) ?
-				(kms_unwrap(from->provider, from->key_ref, &in, dek), false) :
-				keycache_unwrap(from, &in, dek);
+			if ((int32) in.version < from->min_decryption_version)
+				kms_unwrap(from->provider, from->key_ref, &in, dek);
+			else
+				claimed = keycache_unwrap(from, &in, dek);
 
 			/* Never wrap a wrong key under the target: check it first. */
 			env_derive_value_key(dek, v->salt, value_key, commit);
 			if (!env_equal_ct(commit, v->commit, ENV_COMMIT_LEN))
-			{
-				if (from_kms)
-					keycache_abandon(from, &in);
 				ereport(ERROR,
 						(errcode(ERRCODE_DATA_CORRUPTED),
 						 errmsg("could not rewrap value"),
 						 errdetail("The key commitment does not match: the value's wrapped data key or salt was modified, or the KMS returned a wrong key.")));
-			}
-			if (from_kms)
+			if (claimed)
+			{
 				keycache_put(from, &in, dek);
+				claimed = false;
+			}
 			kms_wrap(target->provider, target->key_ref, dek, out);
 		}
 		if (out->version < target->latest_version ||
@@ -390,6 +391,8 @@ rewrap_key(const EnvValue *v, const KekInfo *from, const KekInfo *target, KmsWra
 	{
 		env_wipe(dek, sizeof(dek));
 		env_wipe(value_key, sizeof(value_key));
+		if (claimed)
+			keycache_abandon(from, &in);
 	}
 	PG_END_TRY();
 

@@ -45,6 +45,7 @@ PG_FUNCTION_INFO_V1(envelope_kms_retire);
 static KekInfo *registry = NULL;
 static int	registry_count = 0;
 static bool registry_valid = false;
+static bool registry_from_parallel = false;	/* loaded with a query's snapshot */
 static Oid	registry_relid = InvalidOid;
 
 /* Relcache callback: drop the cached registry when envelope.kek changes. */
@@ -55,11 +56,25 @@ kek_relcache_cb(Datum arg, Oid relid)
 		registry_valid = false;
 }
 
-/* Register the relcache callback that drops the cached registry. */
+/* Transaction end: a registry read with a query's snapshot is not kept. */
+static void
+kek_xact_cb(XactEvent event, void *arg)
+{
+	if (registry_from_parallel &&
+		(event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
+		 event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT))
+	{
+		registry_valid = false;
+		registry_from_parallel = false;
+	}
+}
+
+/* Register the callbacks that drop the cached registry. */
 void
 kek_init(void)
 {
 	CacheRegisterRelcacheCallback(kek_relcache_cb, (Datum) 0);
+	RegisterXactCallback(kek_xact_cb, NULL);
 }
 
 /* OID of envelope.kek, or an error if the extension is not installed. */
@@ -95,6 +110,7 @@ registry_load(void)
 	registry_relid = registry_table();
 	LockRelationOid(registry_relid, AccessShareLock);
 	registry_valid = true;		/* an invalidation during the load clears it */
+	registry_from_parallel = IsInParallelMode();
 
 	SPI_connect();
 	PG_TRY();
@@ -361,15 +377,11 @@ envelope_kms_retire(PG_FUNCTION_ARGS)
 				 errmsg("version %d of KEK \"%s\" is already retired", version, name),
 				 errdetail("The KMS decrypts only versions %d and later.", info.min_decryption_version)));
 
-	kms_set_min_decryption_version(kek.provider, kek.key_ref, version + 1);
-	kms_key_info(kek.provider, kek.key_ref, &info);
-	if (info.min_decryption_version != version + 1)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROTOCOL_VIOLATION),
-				 errmsg("KMS did not retire version %d of key \"%s\"", version, kek.key_ref),
-				 errdetail("Its minimum decryption version is %d after the change.",
-						   info.min_decryption_version)));
-
+	/*
+	 * Record the retirement first and change the KMS last, so that a failed
+	 * registry update leaves the KMS untouched.  (The KMS change itself is
+	 * not transactional: a later ROLLBACK cannot undo it.)
+	 */
 	values[0] = CStringGetTextDatum(name);
 	values[1] = Int32GetDatum(version + 1);
 	SPI_connect();
@@ -378,6 +390,15 @@ envelope_kms_retire(PG_FUNCTION_ARGS)
 							  2, types, values, NULL, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "could not update envelope.kek");
 	SPI_finish();
+
+	kms_set_min_decryption_version(kek.provider, kek.key_ref, version + 1);
+	kms_key_info(kek.provider, kek.key_ref, &info);
+	if (info.min_decryption_version != version + 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("KMS did not retire version %d of key \"%s\"", version, kek.key_ref),
+				 errdetail("Its minimum decryption version is %d after the change.",
+						   info.min_decryption_version)));
 	env_audit("kek_retire", name, version,
 			  psprintf("{\"min_decryption_version\": %d}", version + 1));
 	PG_RETURN_INT32(version + 1);

@@ -43,6 +43,7 @@
 #include "access/xact.h"
 #include "pgstat.h"
 #include "storage/condition_variable.h"
+#include "storage/ipc.h"
 #include "storage/procarray.h"
 
 #include "crypto.h"
@@ -80,6 +81,7 @@ typedef struct CurrentDek
 	pg_atomic_uint64 uses;
 	TimestampTz created_at;
 	TimestampTz generating_since;	/* a backend is asking the KMS for the next key */
+	int			generating_pid;
 	int			wrapped_len;
 	uint8		wrapped[ENV_MAX_WRAPPED_LEN];
 	uint8		dek[ENV_KEY_LEN];
@@ -123,6 +125,8 @@ static RewrapMemo memo[MAX_REWRAP_MEMO];
 static int	memo_next = 0;
 static TimestampTz stale_logged_for = 0;	/* statement start we logged for */
 static TimestampTz outage_seen_for = 0;	/* statement start that saw the KMS down */
+
+static void keycache_release_claims(int code, Datum arg);
 
 /* Partitions for envelope.cache_size: a power of two, ~64 entries each. */
 int
@@ -169,7 +173,14 @@ keycache_shmem_init(void *region)
 static KeyCacheShared *
 cache(void)
 {
+	static bool exit_hook = false;
+
 	env_require_shared();
+	if (!exit_hook)
+	{
+		before_shmem_exit(keycache_release_claims, (Datum) 0);
+		exit_hook = true;
+	}
 	return (KeyCacheShared *) env_key_region();
 }
 
@@ -221,7 +232,9 @@ grace_usecs(void)
 static TimestampTz
 pending_limit_usecs(void)
 {
-	return (TimestampTz) (envelope_kms_timeout * (envelope_kms_retries + 1) + 1000) * 1000;
+	/* Each attempt, two calls (generate and verify), plus at most 2 s of backoff per retry. */
+	return (TimestampTz) (2 * envelope_kms_timeout * (envelope_kms_retries + 1) +
+						  2000 * envelope_kms_retries + 1000) * 1000;
 }
 
 /* True if a pending entry's owner is gone or took too long. */
@@ -336,9 +349,16 @@ keycache_put(const KekInfo *kek, const KmsWrapped *wrapped, const uint8 *dek)
 			if (slot == NULL)
 				slot = e;
 		}
-		else if (victim == NULL ||
-				 pg_atomic_read_u64(&e->last_used) < pg_atomic_read_u64(&victim->last_used))
+		else if (e->pending_pid == 0 &&
+				 (victim == NULL ||
+				  pg_atomic_read_u64(&e->last_used) < pg_atomic_read_u64(&victim->last_used)))
 			victim = e;
+	}
+	if (slot == NULL && victim == NULL)
+	{
+		/* Every entry is an unwrap in flight: do not cache this one. */
+		LWLockRelease(env_lock(1 + part));
+		return;
 	}
 	if (slot == NULL)
 	{
@@ -385,7 +405,7 @@ claim_pending(KeyCacheShared *kc, const KekInfo *kek, const uint8 *digest)
 
 		if (e->used && memcmp(e->digest, digest, DIGEST_LEN) == 0)
 		{
-			if ((e->pending_pid != 0 && !pending_abandoned(e, now)) ||
+			if ((e->pending_pid != 0 && e->pending_pid != MyProcPid && !pending_abandoned(e, now)) ||
 				(e->pending_pid == 0 && e->expires_at > now))
 				claimed = false;	/* someone else got there first */
 			slot = e;
@@ -551,6 +571,7 @@ keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek)
 	wrapped_digest(kek, wrapped, digest);
 	for (;;)
 	{
+		CHECK_FOR_INTERRUPTS();
 		r = cache_lookup(kc, digest, stale, &expired_at);
 		if (r == LOOKUP_HIT)
 		{
@@ -672,8 +693,9 @@ static bool
 someone_generating(CurrentDek *c)
 {
 	return c != NULL && c->generating_since != 0 &&
-		GetCurrentTimestamp() - c->generating_since <
-		(TimestampTz) (envelope_kms_timeout * (envelope_kms_retries + 1) + 1000) * 1000;
+		c->generating_pid != MyProcPid &&
+		BackendPidGetProc(c->generating_pid) != NULL &&
+		GetCurrentTimestamp() - c->generating_since < pending_limit_usecs();
 }
 
 /* A slot for a KEK: its own, a free one, or the oldest (caller holds lock 0 exclusively). */
@@ -715,8 +737,11 @@ end_generating(KeyCacheShared *kc, const char *kek_name)
 
 	LWLockAcquire(env_lock(0), LW_EXCLUSIVE);
 	c = current_slot(kc, kek_name);
-	if (c)
+	if (c && c->generating_pid == MyProcPid)
+	{
 		c->generating_since = 0;
+		c->generating_pid = 0;
+	}
 	LWLockRelease(env_lock(0));
 	ConditionVariableBroadcast(&kc->dek_ready);
 }
@@ -769,6 +794,7 @@ keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped)
 		{
 			c = claim_slot(kc, kek);
 			c->generating_since = GetCurrentTimestamp();
+			c->generating_pid = MyProcPid;
 		}
 		LWLockRelease(env_lock(0));
 		if (ok)
@@ -801,6 +827,7 @@ keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped)
 	pg_atomic_write_u64(&c->uses, 1);
 	c->created_at = GetCurrentTimestamp();
 	c->generating_since = 0;
+	c->generating_pid = 0;
 	c->wrapped_len = fresh_wrapped.len;
 	memcpy(c->wrapped, fresh_wrapped.data, fresh_wrapped.len);
 	memcpy(c->dek, fresh, ENV_KEY_LEN);
@@ -926,6 +953,49 @@ keycache_flush(const char *kek_name)
 		}
 	}
 	return n;
+}
+
+/*
+ * At backend exit, give up unwraps and key generation this backend claimed
+ * (an ERROR resolves them itself; this covers FATAL and termination).
+ */
+static void
+keycache_release_claims(int code, Datum arg)
+{
+	KeyCacheShared *kc = (KeyCacheShared *) env_key_region();
+	bool		any = false;
+
+	for (int part = 0; part < kc->nparts; part++)
+	{
+		DekEntry   *e = &kc->entries[part * kc->part_slots];
+
+		LWLockAcquire(env_lock(1 + part), LW_EXCLUSIVE);
+		for (int i = 0; i < kc->part_slots; i++, e++)
+		{
+			if (e->used && e->pending_pid == MyProcPid)
+			{
+				entry_clear(e);
+				any = true;
+			}
+		}
+		LWLockRelease(env_lock(1 + part));
+	}
+	LWLockAcquire(env_lock(0), LW_EXCLUSIVE);
+	for (int i = 0; i < MAX_CURRENT_DEKS; i++)
+	{
+		if (kc->currents[i].generating_pid == MyProcPid)
+		{
+			kc->currents[i].generating_pid = 0;
+			kc->currents[i].generating_since = 0;
+			any = true;
+		}
+	}
+	LWLockRelease(env_lock(0));
+	if (any)
+	{
+		ConditionVariableBroadcast(&kc->unwrapped);
+		ConditionVariableBroadcast(&kc->dek_ready);
+	}
 }
 
 /* Wipe entries past their time, grace included (the sweeper). */
