@@ -804,7 +804,9 @@ BEGIN
 	  FROM unnest(current_schemas(false)) WITH ORDINALITY AS u(s, o)
 	 WHERE s NOT LIKE 'pg\_temp\_%' AND s NOT LIKE 'pg\_toast\_temp\_%';
 	PERFORM set_config('search_path', safe_path, true);
-	fpath := CASE WHEN fpath IS NULL THEN 'pg_catalog, pg_temp' ELSE fpath || ', pg_temp' END;
+	-- pg_catalog first, so operators in the generated code cannot be
+	-- captured by objects in a schema others can write to.
+	fpath := CASE WHEN fpath IS NULL THEN 'pg_catalog, pg_temp' ELSE 'pg_catalog, ' || fpath || ', pg_temp' END;
 
 	-- Columns, in order.  Expressions are deparsed with search_path =
 	-- pg_catalog, so they come out schema-qualified.

@@ -422,6 +422,13 @@ envelope_kek_changed(PG_FUNCTION_ARGS)
 	CacheInvalidateRelcacheByRelid(RelationGetRelid(trigdata->tg_relation));
 	registry_valid = false;
 
+	/* TRUNCATE has no row trigger: every KEK's cached keys go. */
+	if (TRIGGER_FIRED_BY_TRUNCATE(trigdata->tg_event))
+	{
+		env_require_shared();
+		keycache_flush(NULL);
+	}
+
 	if (TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
 	{
 		TupleDesc	desc = RelationGetDescr(trigdata->tg_relation);

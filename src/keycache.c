@@ -524,7 +524,7 @@ unwrap_or_stale(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek,
 			ereport(LOG,
 					(errmsg("using a data key of KEK \"%s\" that expired %ld s ago because the KMS is unavailable",
 							kek->name, (long) ((GetCurrentTimestamp() - expired_at) / USECS_PER_SEC)),
-					 errdetail("envelope.kms_outage_grace allows expired keys for %d s during a KMS outage; the KMS error was: %s",
+					 errdetail("envelope.kms_outage_grace allows expired keys for %d s during a KMS outage. The KMS error was: %s.",
 							   envelope_kms_outage_grace, edata->message)));
 		}
 		FreeErrorData(edata);
