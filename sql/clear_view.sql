@@ -1,4 +1,6 @@
 -- Clear views: envelope.create_clear_view, set_clear_column, drop_clear_view.
+-- Error contexts name PL/pgSQL line numbers, which change with the code.
+\set SHOW_CONTEXT never
 -- Nothing here prints ciphertext or the current time.
 SET envelope.default_kek = 'regress_a';
 

@@ -1,4 +1,6 @@
 -- Rotation operations: kek_usage, rewrap_column, retire_kek_version.
+-- Error contexts name PL/pgSQL line numbers, which change with the code.
+\set SHOW_CONTEXT never
 -- Versions are relative to the KEK's version at the start (the test KMS
 -- keeps keys between runs).
 SELECT envelope.create_kek('regress_ret', 'vault', 'regress_ret') >= 1 AS registered;
