@@ -13,8 +13,8 @@ MODULE_big   = envelope
 OBJS         = src/envelope.o src/format.o src/crypto.o src/keycache.o \
                src/shmem.o src/sweeper.o src/authz.o src/audit.o \
                src/kek.o src/kms.o src/kms_vault.o src/http.o src/jsonx.o \
-               src/funcs.o
-DATA         = sql/$(EXTENSION)--$(EXTVERSION).sql
+               src/funcs.o src/redact.o
+DATA         = $(wildcard $(srcdir)/sql/$(EXTENSION)--*.sql)
 PG_CPPFLAGS  = -I$(srcdir)/src -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers
 SHLIB_LINK   = -lcurl -lcrypto
 

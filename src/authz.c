@@ -1,26 +1,359 @@
 /*-------------------------------------------------------------------------
  *
  * authz.c
- *		The one authorization step every key use passes through.
+ *		Per-KEK privileges: the one authorization step every key use passes
+ *		through, and the functions that grant and revoke them.
  *
- * Today every role that can call enc(), dec() and rewrap() may use every
- * registered KEK: access is governed by EXECUTE on the functions and by the
- * privileges on the tables.  Per-KEK privileges (encrypt, decrypt, rewrap)
- * and the audit trail are to be filled in here; the call sites already pass
- * through this function on every call, cache hit or miss.
+ * A role may use a KEK to encrypt, decrypt or rewrap if it is a superuser
+ * or has the privileges of a role that was granted that privilege on the
+ * KEK (envelope.kek_grant, changed through envelope.grant and
+ * envelope.revoke).  Being a member of envelope_admin lets a role manage
+ * KEKs and grants, not use keys.
+ *
+ * Each backend keeps a copy of envelope.kek_grant, read with SPI and a fresh
+ * snapshot, and drops it when a relcache invalidation for the table arrives
+ * (a statement trigger sends one on every change).  At the first key use of
+ * each top-level statement the backend processes pending invalidations
+ * itself, so a committed revoke applies to the next statement of every
+ * session, even inside an open transaction block.  Within a statement the
+ * decision for a (role, KEK, privilege) is remembered; role membership is
+ * PostgreSQL's own (has_privs_of_role), with its own invalidation.
+ *
+ * env_authorize() runs before the key cache is consulted, so a key another
+ * role put in the shared cache never lets a role without the privilege
+ * decrypt.  Refusals are audited before the error is raised.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/lmgr.h"
+#include "utils/acl.h"
+#include "catalog/pg_type.h"
+#include "utils/builtins.h"
+#include "utils/json.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+
+#include "audit.h"
 #include "authz.h"
+#include "shmem.h"
+
+PG_FUNCTION_INFO_V1(envelope_grant);
+PG_FUNCTION_INFO_V1(envelope_revoke);
+PG_FUNCTION_INFO_V1(envelope_kek_grant_changed);
+
+#define ADMIN_ROLE		"envelope_admin"
+#define MEMO_SIZE		16
+
+static const char *const priv_names[] = {"encrypt", "decrypt", "rewrap"};
+
+/* One row of envelope.kek_grant. */
+typedef struct KekGrant
+{
+	char		kek[NAMEDATALEN];
+	EnvPrivilege priv;
+	Oid			grantee;
+} KekGrant;
+
+/* A decision already taken in this statement. */
+typedef struct AuthzMemo
+{
+	Oid			userid;
+	EnvPrivilege priv;
+	char		kek[NAMEDATALEN];
+} AuthzMemo;
 
 env_authorize_hook_type env_authorize_hook = NULL;
 
+static KekGrant *grants = NULL;
+static int	ngrants = 0;
+static bool grants_valid = false;
+static bool grants_from_parallel = false;
+static Oid	grants_relid = InvalidOid;
+static bool callbacks_registered = false;
+
+static AuthzMemo memo[MEMO_SIZE];
+static int	nmemo = 0;
+static uint64 memo_statement = 0;
+
+/* Relcache callback: drop the copy when envelope.kek_grant changes. */
+static void
+grants_relcache_cb(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == grants_relid)
+	{
+		grants_valid = false;
+		nmemo = 0;
+	}
+}
+
+/* Transaction end: a copy read with a query's snapshot is not kept. */
+static void
+grants_xact_cb(XactEvent event, void *arg)
+{
+	if (grants_from_parallel &&
+		(event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
+		 event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT))
+	{
+		grants_valid = false;
+		grants_from_parallel = false;
+	}
+}
+
+/* The privilege named by s, or -1. */
+static int
+parse_privilege(const char *s)
+{
+	for (int i = 0; i < (int) lengthof(priv_names); i++)
+		if (pg_strcasecmp(s, priv_names[i]) == 0)
+			return i;
+	return -1;
+}
+
+/* (Re)load envelope.kek_grant (absent before ALTER EXTENSION UPDATE: no grants). */
+static void
+grants_load(void)
+{
+	Oid			nsp = get_namespace_oid("envelope", true);
+	KekGrant   *fresh;
+	int			n = 0;
+
+	if (!callbacks_registered)
+	{
+		CacheRegisterRelcacheCallback(grants_relcache_cb, (Datum) 0);
+		RegisterXactCallback(grants_xact_cb, NULL);
+		callbacks_registered = true;
+	}
+	grants_relid = OidIsValid(nsp) ? get_relname_relid("kek_grant", nsp) : InvalidOid;
+	if (!OidIsValid(grants_relid))
+	{
+		ngrants = 0;
+		grants_valid = true;
+		return;
+	}
+	LockRelationOid(grants_relid, AccessShareLock);
+	grants_valid = true;		/* an invalidation during the load clears it */
+	grants_from_parallel = IsInParallelMode();
+
+	SPI_connect();
+	PG_TRY();
+	{
+		SPIPlanPtr	plan = SPI_prepare("SELECT kek, privilege, grantee::pg_catalog.oid "
+									   "FROM envelope.kek_grant", 0, NULL);
+
+		if (plan == NULL ||
+			SPI_execute_snapshot(plan, NULL, NULL,
+								 IsInParallelMode() ? GetActiveSnapshot() : GetLatestSnapshot(),
+								 InvalidSnapshot, true, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not read envelope.kek_grant");
+		fresh = MemoryContextAllocZero(TopMemoryContext,
+									   sizeof(KekGrant) * Max(SPI_processed, 1));
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[i];
+			TupleDesc	desc = SPI_tuptable->tupdesc;
+			bool		isnull;
+			int			priv = parse_privilege(SPI_getvalue(tup, desc, 2));
+
+			if (priv < 0)
+				continue;
+			strlcpy(fresh[n].kek, SPI_getvalue(tup, desc, 1), NAMEDATALEN);
+			fresh[n].priv = (EnvPrivilege) priv;
+			fresh[n].grantee = DatumGetObjectId(SPI_getbinval(tup, desc, 3, &isnull));
+			n++;
+		}
+	}
+	PG_CATCH();
+	{
+		grants_valid = false;
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	SPI_finish();
+
+	if (grants)
+		pfree(grants);
+	grants = fresh;
+	ngrants = n;
+}
+
+/* Does userid hold priv on the KEK named kek (directly or through a role)? */
+static bool
+has_kek_privilege(Oid userid, const char *kek, EnvPrivilege priv)
+{
+	if (superuser_arg(userid))
+		return true;
+	if (!grants_valid)
+		grants_load();
+	for (int i = 0; i < ngrants; i++)
+		if (grants[i].priv == priv && strcmp(grants[i].kek, kek) == 0 &&
+			has_privs_of_role(userid, grants[i].grantee))
+			return true;
+	return false;
+}
+
 /* Check that the current user may use kek for priv; raises 42501 if not. */
 void
-env_authorize(const KekInfo *kek, EnvPrivilege priv)
+env_authorize(const KekInfo *kek, EnvPrivilege priv, int32 version)
 {
+	Oid			userid = GetUserId();
+
+	/* First use in a statement: apply revokes committed since the last one. */
+	if (memo_statement != env_statement_id || memo_statement == 0)
+	{
+		AcceptInvalidationMessages();
+		nmemo = 0;
+		memo_statement = env_statement_id;
+	}
+	for (int i = 0; i < nmemo; i++)
+		if (memo[i].userid == userid && memo[i].priv == priv &&
+			strcmp(memo[i].kek, kek->name) == 0)
+			goto allowed;
+
+	if (!has_kek_privilege(userid, kek->name, priv))
+	{
+		env_audit_denied(kek->name, version, priv_names[priv]);
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for KEK \"%s\"", kek->name),
+				 errdetail("Role \"%s\" does not have the %s privilege on KEK \"%s\".",
+						   GetUserNameFromId(userid, false), priv_names[priv], kek->name),
+				 errhint("A superuser or a member of %s can grant it with envelope.grant().",
+						 ADMIN_ROLE)));
+	}
+	if (nmemo < MEMO_SIZE)
+	{
+		memo[nmemo].userid = userid;
+		memo[nmemo].priv = priv;
+		strlcpy(memo[nmemo].kek, kek->name, NAMEDATALEN);
+		nmemo++;
+	}
+
+allowed:
 	if (env_authorize_hook)
 		env_authorize_hook(kek, priv);
+}
+
+/* Raise 42501 unless the current user may manage KEKs (what: the action). */
+void
+env_require_admin(const char *what)
+{
+	Oid			admin = get_role_oid(ADMIN_ROLE, true);
+
+	if (superuser() || (OidIsValid(admin) && has_privs_of_role(GetUserId(), admin)))
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("permission denied to %s", what),
+			 errdetail("Only superusers and members of %s manage KEKs and their privileges.",
+					   ADMIN_ROLE)));
+}
+
+/* Run one statement on envelope.kek_grant for each privilege named by privname. */
+static void
+change_grant(FunctionCallInfo fcinfo, bool grant)
+{
+	char	   *kek_name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	Oid			role = PG_GETARG_OID(1);
+	char	   *privname = text_to_cstring(PG_GETARG_TEXT_PP(2));
+	KekInfo		kek;
+	int			first,
+				last;
+	Oid			argtypes[4] = {TEXTOID, OIDOID, TEXTOID, OIDOID};
+	char	   *role_name;
+
+	env_require_shared();
+	env_require_admin(grant ? "grant KEK privileges" : "revoke KEK privileges");
+	kek_lookup(kek_name, &kek, false);
+	role_name = GetUserNameFromId(role, true);
+	if (role_name == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("role with OID %u does not exist", role)));
+	if (pg_strcasecmp(privname, "all") == 0)
+	{
+		first = 0;
+		last = lengthof(priv_names) - 1;
+	}
+	else if ((first = last = parse_privilege(privname)) < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("unrecognized KEK privilege \"%s\"", privname),
+				 errhint("Use encrypt, decrypt, rewrap or all.")));
+	if (get_namespace_oid("envelope", true) == InvalidOid ||
+		get_relname_relid("kek_grant", get_namespace_oid("envelope", false)) == InvalidOid)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("envelope.kek_grant does not exist"),
+				 errhint("Run ALTER EXTENSION envelope UPDATE.")));
+
+	SPI_connect();
+	for (int p = first; p <= last; p++)
+	{
+		Datum		values[4];
+		StringInfoData extra;
+
+		values[0] = CStringGetTextDatum(kek.name);
+		values[1] = ObjectIdGetDatum(role);
+		values[2] = CStringGetTextDatum(priv_names[p]);
+		values[3] = ObjectIdGetDatum(GetUserId());
+		if (SPI_execute_with_args(grant ?
+								  "INSERT INTO envelope.kek_grant (kek, grantee, privilege, granted_by) "
+								  "VALUES ($1, $2::pg_catalog.regrole, $3, $4::pg_catalog.regrole) "
+								  "ON CONFLICT DO NOTHING" :
+								  "DELETE FROM envelope.kek_grant WHERE kek OPERATOR(pg_catalog.=) $1 "
+								  "AND grantee OPERATOR(pg_catalog.=) $2::pg_catalog.regrole "
+								  "AND privilege OPERATOR(pg_catalog.=) $3",
+								  grant ? 4 : 3, argtypes, values, NULL, false, 0) < 0)
+			elog(ERROR, "could not change envelope.kek_grant");
+		initStringInfo(&extra);
+		appendStringInfoString(&extra, "{\"grantee\": ");
+		escape_json(&extra, role_name);
+		appendStringInfo(&extra, ", \"privilege\": \"%s\", \"changed\": %s}",
+						 priv_names[p], SPI_processed > 0 ? "true" : "false");
+		env_audit(grant ? "grant" : "revoke", kek.name, 0, extra.data);
+		pfree(extra.data);
+	}
+	SPI_finish();
+}
+
+/* envelope.grant(kek text, role regrole, privilege text) */
+Datum
+envelope_grant(PG_FUNCTION_ARGS)
+{
+	change_grant(fcinfo, true);
+	PG_RETURN_VOID();
+}
+
+/* envelope.revoke(kek text, role regrole, privilege text) */
+Datum
+envelope_revoke(PG_FUNCTION_ARGS)
+{
+	change_grant(fcinfo, false);
+	PG_RETURN_VOID();
+}
+
+/* Statement trigger on envelope.kek_grant: every backend drops its copy. */
+Datum
+envelope_kek_grant_changed(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("envelope.kek_grant_changed() must be called as a trigger")));
+	CacheInvalidateRelcacheByRelid(RelationGetRelid(trigdata->tg_relation));
+	grants_valid = false;
+	nmemo = 0;
+	return PointerGetDatum(NULL);
 }

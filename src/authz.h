@@ -18,11 +18,15 @@ typedef enum EnvPrivilege
 } EnvPrivilege;
 
 /*
- * Check that the current user may use kek for priv; raises 42501 if not.
+ * Check that the current user may use kek for priv (version: the one the
+ * value is on, 0 if not known yet); raises 42501 if not.
  * Called on every enc(), dec() and rewrap() call, before the key cache is
  * consulted, so a cache hit never bypasses it.
  */
-extern void env_authorize(const KekInfo *kek, EnvPrivilege priv);
+extern void env_authorize(const KekInfo *kek, EnvPrivilege priv, int32 version);
+
+/* Raise 42501 unless the current user is a superuser or envelope_admin member. */
+extern void env_require_admin(const char *what);
 
 /* A hook other modules may set to add checks; it must raise to deny. */
 typedef void (*env_authorize_hook_type) (const KekInfo *kek, EnvPrivilege priv);

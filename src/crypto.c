@@ -163,6 +163,16 @@ hmac_sha256(const uint8 *key, size_t keylen, const uint8 *a, size_t alen,
 	return ok;
 }
 
+/* HMAC-SHA256(key, a || b) for keys of at most 64 bytes (audit chain). */
+void
+env_hmac_sha256(const uint8 *key, size_t keylen, const uint8 *a, size_t alen,
+				const uint8 *b, size_t blen, uint8 *out)
+{
+	crypto_init();
+	if (keylen > 64 || !hmac_sha256(key, keylen, a, alen, b, blen, out))
+		crypto_error("compute HMAC-SHA256");
+}
+
 /* SHA-256 over several byte strings, concatenated. */
 void
 env_sha256(const uint8 *const *parts, const size_t *lens, int nparts, uint8 *digest)

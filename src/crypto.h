@@ -43,6 +43,10 @@ extern bool env_open(const uint8 *value_key, const uint8 *nonce,
 extern void env_sha256(const uint8 *const *parts, const size_t *lens, int nparts,
 					   uint8 *digest);
 
+/* out = HMAC-SHA256(key, a || b), for keys of at most 64 bytes. */
+extern void env_hmac_sha256(const uint8 *key, size_t keylen, const uint8 *a, size_t alen,
+							const uint8 *b, size_t blen, uint8 *out);
+
 /* Constant-time comparison of two equal-length buffers. */
 extern bool env_equal_ct(const uint8 *a, const uint8 *b, int len);
 

@@ -14,7 +14,9 @@
  *		http.c		interruptible keep-alive HTTPS (libcurl); jsonx.c JSON
  *		funcs.c		enc, dec, dec_text, rewrap, metadata, cache functions
  *		shmem.c		shared memory and locks; sweeper.c expiry worker
- *		authz.c		the authorization step every key use passes through
+ *		authz.c		per-KEK privileges, checked on every key use
+ *		audit.c		audit records (HMAC-chained) and the statement hooks
+ *		redact.c	the emit_log_hook that keeps plaintext out of the log
  *
  * Settings that name credentials are superuser-only; KMS settings reload
  * with SIGHUP.  The library must be in shared_preload_libraries: the key
@@ -32,7 +34,9 @@
 #include "miscadmin.h"
 #include "utils/guc.h"
 
+#include "audit.h"
 #include "envelope.h"
+#include "redact.h"
 #include "kek.h"
 #include "shmem.h"
 
@@ -253,6 +257,9 @@ _PG_init(void)
 							0, 0, 86400,
 							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
+
+	env_audit_init();
+	env_redact_init();
 
 	MarkGUCPrefixReserved("envelope");
 

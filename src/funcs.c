@@ -35,6 +35,7 @@
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 
+#include "audit.h"
 #include "authz.h"
 #include "crypto.h"
 #include "envelope.h"
@@ -42,6 +43,7 @@
 #include "kek.h"
 #include "keycache.h"
 #include "kms.h"
+#include "redact.h"
 #include "shmem.h"
 
 PG_FUNCTION_INFO_V1(envelope_enc);
@@ -114,10 +116,12 @@ encrypt_value(FunctionCallInfo fcinfo, const uint8 *plaintext, int len, uint16 t
 	bytea	   *result;
 	uint8	   *p;
 	uint16		flags;
+	uint64		calls_before = env_backend_kms_calls;
 
 	env_require_shared();
+	env_redact_note_use();
 	kek_from_arg(fcinfo, 1, &kek);
-	env_authorize(&kek, ENV_PRIV_ENCRYPT);
+	env_authorize(&kek, ENV_PRIV_ENCRYPT, kek.latest_version);
 	context_arg(fcinfo, 2, &ctx, &ctx_len);
 	flags = type_flag | (ctx_len > 0 ? ENV_FLAG_CONTEXT : 0);
 
@@ -167,6 +171,8 @@ encrypt_value(FunctionCallInfo fcinfo, const uint8 *plaintext, int len, uint16 t
 		env_wipe(value_key, sizeof(value_key));
 	}
 	PG_END_TRY();
+	env_audit_use(ENV_USE_ENCRYPT, kek.name, (int32) ref.kek_version,
+				  (int64) (env_backend_kms_calls - calls_before), NULL, 0);
 	return result;
 }
 
@@ -222,12 +228,14 @@ decrypt_value(FunctionCallInfo fcinfo)
 	volatile bool committed = false;
 	volatile bool opened = false;
 	volatile bool from_kms = false;
+	uint64		calls_before = env_backend_kms_calls;
 
 	env_require_shared();
+	env_redact_note_use();
 	env_parse_datum(datum, &v);
 	context_arg(fcinfo, 1, &ctx, &ctx_len);
 	kek_for_value(&v.kek, &kek);
-	env_authorize(&kek, ENV_PRIV_DECRYPT);
+	env_authorize(&kek, ENV_PRIV_DECRYPT, (int32) v.kek.kek_version);
 	value_wrapped(&v, &wrapped);
 	result = (bytea *) palloc(VARHDRSZ + v.ciphertext_len);
 	SET_VARSIZE(result, VARHDRSZ + v.ciphertext_len);
@@ -287,6 +295,9 @@ decrypt_value(FunctionCallInfo fcinfo)
 				 (!bound && ctx_len > 0) ?
 				 errhint("The value was encrypted without a context.") : 0));
 	}
+	env_audit_use(ENV_USE_DECRYPT, kek.name, (int32) v.kek.kek_version,
+				  (int64) (env_backend_kms_calls - calls_before),
+				  VARDATA_ANY(datum), VARSIZE_ANY_EXHDR(datum));
 	return result;
 }
 
@@ -418,10 +429,12 @@ envelope_rewrap(PG_FUNCTION_ARGS)
 	Size		total;
 	bytea	   *result;
 	uint8	   *p;
+	uint64		calls_before = env_backend_kms_calls;
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
 	env_require_shared();
+	env_redact_note_use();
 	datum = PG_GETARG_VARLENA_PP(0);
 	env_parse_datum(datum, &v);
 	kek_for_value(&v.kek, &from);
@@ -429,14 +442,17 @@ envelope_rewrap(PG_FUNCTION_ARGS)
 		target = from;
 	else
 		kek_lookup(text_to_cstring(PG_GETARG_TEXT_PP(1)), &target, false);
-	env_authorize(&from, ENV_PRIV_REWRAP);
+	env_authorize(&from, ENV_PRIV_REWRAP, (int32) v.kek.kek_version);
 	if (strcmp(from.name, target.name) != 0)
-		env_authorize(&target, ENV_PRIV_REWRAP);
+		env_authorize(&target, ENV_PRIV_REWRAP, target.latest_version);
 
 	/* Already under the target's latest version: nothing to do. */
 	if (strcmp(from.name, target.name) == 0 &&
 		(int32) v.kek.kek_version >= target.latest_version)
+	{
+		env_audit_use(ENV_USE_REWRAP, target.name, (int32) v.kek.kek_version, 0, NULL, 0);
 		PG_RETURN_POINTER(PG_DETOAST_DATUM_COPY(PG_GETARG_DATUM(0)));
+	}
 
 	rewrap_key(&v, &from, &target, &out);
 
@@ -460,6 +476,8 @@ envelope_rewrap(PG_FUNCTION_ARGS)
 	p += ENV_HEADER_LEN;
 	p += env_write_kek_section(p, &ref);
 	memcpy(p, v.ciphertext, tail);
+	env_audit_use(ENV_USE_REWRAP, target.name, out.version,
+				  (int64) (env_backend_kms_calls - calls_before), NULL, 0);
 	PG_RETURN_BYTEA_P(result);
 }
 
@@ -581,6 +599,7 @@ envelope_cache_flush(PG_FUNCTION_ARGS)
 	char	   *kek = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
 
 	env_require_shared();
+	env_require_admin("flush the key cache");
 	PG_RETURN_INT32(keycache_flush(kek));
 }
 

@@ -34,6 +34,7 @@
 #include "envelope.h"
 #include "kek.h"
 #include "audit.h"
+#include "authz.h"
 #include "keycache.h"
 #include "shmem.h"
 
@@ -268,6 +269,7 @@ envelope_create_kek(PG_FUNCTION_ARGS)
 	Oid			types[5] = {TEXTOID, TEXTOID, TEXTOID, INT4OID, INT4OID};
 
 	env_require_shared();
+	env_require_admin("create KEKs");
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
@@ -321,6 +323,7 @@ envelope_rotate_kek(PG_FUNCTION_ARGS)
 	Oid			types[3] = {TEXTOID, INT4OID, INT4OID};
 
 	env_require_shared();
+	env_require_admin("rotate KEKs");
 	kek_lookup(name, &kek, false);
 	kms_rotate(kek.provider, kek.key_ref);
 	kms_key_info(kek.provider, kek.key_ref, &info);
@@ -363,6 +366,7 @@ envelope_kms_retire(PG_FUNCTION_ARGS)
 	Oid			types[2] = {TEXTOID, INT4OID};
 
 	env_require_shared();
+	env_require_admin("retire KEK versions");
 	kek_lookup(name, &kek, false);
 	kms_key_info(kek.provider, kek.key_ref, &info);
 	if (version < 1 || version >= info.latest_version)

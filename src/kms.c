@@ -40,6 +40,9 @@ kms_provider(const char *name, bool missing_ok)
 	return NULL;
 }
 
+/* KMS calls this backend has made (audit records count them per use). */
+uint64		env_backend_kms_calls = 0;
+
 /*
  * Run a provider operation, counting the call and, if it raises, the error.
  * The macro keeps the counting in one place for every operation.
@@ -47,6 +50,7 @@ kms_provider(const char *name, bool missing_ok)
 #define COUNTED_CALL(op, call) \
 	do { \
 		env_count(CNT_KMS_KEY_INFO + (op), 1); \
+		env_backend_kms_calls++; \
 		PG_TRY(); \
 		{ \
 			call; \

@@ -80,6 +80,9 @@ typedef enum KmsOp
 
 extern const char *const kms_op_names[KMS_NUM_OPS];
 
+/* KMS calls made by this backend so far (audit records count them). */
+extern uint64 env_backend_kms_calls;
+
 /* Find a provider by name; NULL (or an error) if there is none. */
 extern const KmsProvider *kms_provider(const char *name, bool missing_ok);
 

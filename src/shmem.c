@@ -38,6 +38,7 @@
 #include "storage/shmem.h"
 #include "utils/timestamp.h"
 
+#include "audit.h"
 #include "crypto.h"
 #include "keycache.h"
 #include "shmem.h"
@@ -78,6 +79,8 @@ env_shmem_request(void)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(env_shmem_size());
 	RequestNamedLWLockTranche(ENV_TRANCHE, 1 + keycache_partitions());
+	RequestAddinShmemSpace(env_audit_shmem_size());
+	env_audit_shmem_request();
 }
 
 /* on_shmem_exit callback in the postmaster: wipe cached keys. */
@@ -119,6 +122,7 @@ env_shmem_startup(void)
 		memset(region, 0, rsize);
 		keycache_shmem_init(region);
 	}
+	env_audit_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 
 	if (!IsUnderPostmaster)

@@ -1,0 +1,673 @@
+/*-------------------------------------------------------------------------
+ *
+ * redact.c
+ *		Keep plaintext passed to enc() or returned by dec() out of the
+ *		server log: an emit_log_hook that masks constants.
+ *
+ * The log receives statement text in several places: log_statement and
+ * log_min_duration_statement lines ("statement: ...", "execute <name>: ...",
+ * "duration: ... bind/parse ..."), their DETAIL lines ("parameters: $1 =
+ * ..." for bind parameters, "prepare: ..." for EXECUTE), the STATEMENT line
+ * printed after an error (debug_query_string), CONTEXT lines (PL/pgSQL's
+ * "SQL statement \"...\"", "extended query with parameters: ...") and the
+ * QUERY line (internalquery).  For a statement that involves envelope all of
+ * these get every literal replaced by '***' (and every number by ***), and
+ * errors about data (SQLSTATE classes 22 and 23, whose messages can quote a
+ * decrypted value) get their quoted values and detail masked too.
+ *
+ * A statement involves envelope when
+ *	- its text names enc, dec, dec_text, dec_bytea, rewrap, enc_bytea or the
+ *	  schema envelope, or a view that decrypts (one whose rules depend on
+ *	  envelope's functions, such as a clear view, or on such a view);
+ *	- it is EXECUTE of a prepared statement that involves envelope; or
+ *	- running it called enc(), dec() or rewrap() (a wrapper function): the
+ *	  text's hash is remembered, so later log lines of it and later runs of
+ *	  the same text are masked.  Lines logged before execution (log_statement)
+ *	  of a text first seen this way cannot be, which is why the names above
+ *	  are checked too.
+ * Other statements are logged unchanged.
+ *
+ * The hook must never raise: it runs inside error reporting.  So literals
+ * are found by a small scanner of its own (quotes, E'' strings, dollar
+ * quotes, comments, numbers) that cannot fail, instead of the core scanner,
+ * which raises on malformed input.  The names of decrypting views are read
+ * from the catalogs at statement boundaries (and, the first time, from the
+ * hook when a transaction is open), never per log line.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "access/xact.h"
+#include "catalog/indexing.h"
+#include "catalog/dependency.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_depend.h"
+#include "catalog/pg_extension.h"
+#include "catalog/pg_proc.h"
+#include "catalog/pg_rewrite.h"
+#include "commands/extension.h"
+#include "commands/prepare.h"
+#include "common/hashfn.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "tcop/tcopprot.h"
+#include "utils/elog.h"
+#include "utils/fmgroids.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/plancache.h"
+#include "utils/syscache.h"
+
+#include "audit.h"
+#include "redact.h"
+
+#define AUDIT_PREFIX	"ENVELOPE AUDIT: "
+#define LEARNED_SIZE	256		/* statement texts remembered as involved */
+#define MAX_VIEWS		4096	/* decrypting views remembered per backend */
+#define MAX_WORDS		8		/* leading words kept (EXECUTE <name>) */
+
+/* Words that make a statement involve envelope. */
+static const char *const envelope_words[] = {
+	"enc", "dec", "dec_text", "dec_bytea", "rewrap", "enc_bytea", "envelope"
+};
+
+static emit_log_hook_type prev_emit_log_hook = NULL;
+
+static uint64 learned[LEARNED_SIZE];
+static int	learned_next = 0;
+static uint64 noted_statement = 0;
+static const char *noted_query = NULL;
+
+static char **view_names = NULL;
+static int	nviews = 0;
+static bool views_valid = false;
+static bool views_loading = false;
+
+static char *masked_query = NULL;	/* debug_query_string, masked, if we swapped it */
+static bool in_hook = false;
+
+/* What a scan found. */
+typedef struct ScanResult
+{
+	bool		mentions;		/* names envelope or a decrypting view */
+	int			nwords;
+	char		words[MAX_WORDS][NAMEDATALEN];	/* the first words, normalised */
+} ScanResult;
+
+/* Syscache callback: a rule changed, so the decrypting views may have. */
+static void
+views_inval_cb(Datum arg, int cacheid, uint32 hashvalue)
+{
+	views_valid = false;
+}
+
+/* Is this (normalised) identifier one that makes a statement involved? */
+static bool
+sensitive_word(const char *w)
+{
+	for (int i = 0; i < (int) lengthof(envelope_words); i++)
+		if (strcmp(w, envelope_words[i]) == 0)
+			return true;
+	for (int i = 0; i < nviews; i++)
+		if (strcmp(w, view_names[i]) == 0)
+			return true;
+	return false;
+}
+
+/* Identifier characters (as the core scanner's ident_cont, plus $). */
+static inline bool
+ident_start(unsigned char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c >= 0x80;
+}
+
+static inline bool
+ident_cont(unsigned char c)
+{
+	return ident_start(c) || (c >= '0' && c <= '9') || c == '$';
+}
+
+/* Note a word (normalised) in the result. */
+static void
+note_word(ScanResult *r, const char *w, int len, bool fold)
+{
+	char		buf[NAMEDATALEN];
+	int			n = Min(len, NAMEDATALEN - 1);
+
+	for (int i = 0; i < n; i++)
+		buf[i] = (fold && w[i] >= 'A' && w[i] <= 'Z') ? w[i] + ('a' - 'A') : w[i];
+	buf[n] = '\0';
+	if (!r->mentions && sensitive_word(buf))
+		r->mentions = true;
+	if (r->nwords < MAX_WORDS)
+		strlcpy(r->words[r->nwords++], buf, NAMEDATALEN);
+}
+
+/* End of a '...' literal starting at s[i] (the quote); backslashes escape if esc. */
+static int
+skip_quoted(const char *s, int i, bool esc)
+{
+	i++;
+	while (s[i])
+	{
+		if (esc && s[i] == '\\' && s[i + 1])
+			i += 2;
+		else if (s[i] == '\'')
+		{
+			if (s[i + 1] == '\'')
+				i += 2;
+			else
+				return i + 1;
+		}
+		else
+			i++;
+	}
+	return i;
+}
+
+/*
+ * Scan SQL text: find the words it uses and, if out is not NULL, write a
+ * copy with every literal masked.  With dq_text, double quotes are plain
+ * text (for messages that quote SQL in double quotes, such as CONTEXT lines),
+ * so literals inside them are found.  Never raises.
+ */
+static void
+scan_sql(const char *s, StringInfo out, bool dq_text, ScanResult *r)
+{
+	int			i = 0;
+
+	memset(r, 0, sizeof(*r));
+	while (s[i])
+	{
+		unsigned char c = (unsigned char) s[i];
+		int			start = i;
+
+		if (c == '-' && s[i + 1] == '-')
+		{
+			while (s[i] && s[i] != '\n')
+				i++;
+		}
+		else if (c == '/' && s[i + 1] == '*')
+		{
+			int			depth = 1;
+
+			i += 2;
+			while (s[i] && depth > 0)
+			{
+				if (s[i] == '/' && s[i + 1] == '*')
+					depth++, i += 2;
+				else if (s[i] == '*' && s[i + 1] == '/')
+					depth--, i += 2;
+				else
+					i++;
+			}
+		}
+		else if (c == '\'')
+		{
+			i = skip_quoted(s, i, false);
+			if (out)
+				appendStringInfoString(out, "'***'");
+			continue;
+		}
+		else if (c == '"' && !dq_text)
+		{
+			i++;
+			while (s[i] && !(s[i] == '"' && s[i + 1] != '"'))
+				i += (s[i] == '"') ? 2 : 1;
+			note_word(r, s + start + 1, i - start - 1, false);
+			if (s[i])
+				i++;
+		}
+		else if (c == '$' && s[i + 1] >= '0' && s[i + 1] <= '9')
+		{
+			/* A parameter: $1 */
+			i++;
+			while (s[i] >= '0' && s[i] <= '9')
+				i++;
+		}
+		else if (c == '$' && (s[i + 1] == '$' || ident_start((unsigned char) s[i + 1])) &&
+				 (i == 0 || !ident_cont((unsigned char) s[i - 1])))
+		{
+			/* Perhaps a dollar quote: $tag$ ... $tag$ */
+			int			j = i + 1;
+
+			while (s[j] && s[j] != '$' && ident_cont((unsigned char) s[j]))
+				j++;
+			if (s[j] == '$')
+			{
+				int			taglen = j - i + 1;
+				const char *end = NULL;
+
+				for (int k = j + 1; s[k]; k++)
+					if (s[k] == '$' && strncmp(s + k, s + i, taglen) == 0)
+					{
+						end = s + k;
+						break;
+					}
+				i = end ? (int) (end - s) + taglen : (int) strlen(s);
+				if (out)
+					appendStringInfoString(out, "'***'");
+				continue;
+			}
+			i++;
+		}
+		else if ((c >= '0' && c <= '9') ||
+				 (c == '.' && s[i + 1] >= '0' && s[i + 1] <= '9'))
+		{
+			/* (digits inside words were consumed with the word) */
+			while (ident_cont((unsigned char) s[i]) || s[i] == '.' ||
+				   ((s[i] == '+' || s[i] == '-') && (s[i - 1] == 'e' || s[i - 1] == 'E')))
+				i++;
+			if (out)
+				appendStringInfoString(out, "***");
+			continue;
+		}
+		else if (ident_start(c))
+		{
+			while (ident_cont((unsigned char) s[i]))
+				i++;
+			/* A prefixed string: E'...', B'...', X'...', N'...', U&'...' */
+			if (s[i] == '\'' && i - start == 1 && strchr("eEbBxXnN", c))
+			{
+				i = skip_quoted(s, i, c == 'e' || c == 'E');
+				if (out)
+					appendStringInfoString(out, "'***'");
+				continue;
+			}
+			if (s[i] == '&' && s[i + 1] == '\'' && i - start == 1 && (c == 'u' || c == 'U'))
+			{
+				i = skip_quoted(s, i + 1, false);
+				if (out)
+					appendStringInfoString(out, "'***'");
+				continue;
+			}
+			note_word(r, s + start, i - start, true);
+		}
+		else
+			i++;
+		if (out)
+			appendBinaryStringInfo(out, s + start, i - start);
+	}
+}
+
+/* A copy of s with its literals masked (in the current memory context). */
+static char *
+mask_sql(const char *s, bool dq_text)
+{
+	StringInfoData out;
+	ScanResult	r;
+
+	initStringInfo(&out);
+	scan_sql(s, &out, dq_text, &r);
+	return out.data;
+}
+
+/* Hash of a statement text. */
+static uint64
+text_hash(const char *s)
+{
+	return hash_bytes_extended((const unsigned char *) s, (int) strlen(s), 0);
+}
+
+/* Was this text seen calling envelope's functions? */
+static bool
+learned_text(const char *s)
+{
+	uint64		h = text_hash(s);
+
+	for (int i = 0; i < LEARNED_SIZE; i++)
+		if (learned[i] == h && h != 0)
+			return true;
+	return false;
+}
+
+/* Remember that the running statement involves envelope. */
+void
+env_redact_note_use(void)
+{
+	const char *q = debug_query_string;
+
+	if (q == NULL || (noted_statement == env_statement_id && noted_query == q))
+		return;
+	noted_statement = env_statement_id;
+	noted_query = q;
+	if (q != masked_query && !learned_text(q))
+	{
+		learned[learned_next] = text_hash(q);
+		learned_next = (learned_next + 1) % LEARNED_SIZE;
+	}
+}
+
+/* Add a view's name to the list (TopMemoryContext), once. */
+static void
+add_view(Oid relid, char ***names, int *n)
+{
+	char	   *name = get_rel_name(relid);
+
+	if (name == NULL || *n >= MAX_VIEWS)
+		return;
+	for (int i = 0; i < *n; i++)
+		if (strcmp((*names)[i], name) == 0)
+			return;
+	(*names)[(*n)++] = MemoryContextStrdup(TopMemoryContext, name);
+}
+
+/* The relation a rule (pg_rewrite OID) belongs to, or InvalidOid. */
+static Oid
+rule_relation(Oid rule)
+{
+	Relation	rel = table_open(RewriteRelationId, AccessShareLock);
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	Oid			result = InvalidOid;
+
+	ScanKeyInit(&key, Anum_pg_rewrite_oid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(rule));
+	scan = systable_beginscan(rel, RewriteOidIndexId, true, NULL, 1, &key);
+	if (HeapTupleIsValid(tup = systable_getnext(scan)))
+		result = ((Form_pg_rewrite) GETSTRUCT(tup))->ev_class;
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return result;
+}
+
+/* Relations whose rules depend on the object (classid, objid). */
+static void
+dependent_views(Relation depRel, Oid classid, Oid objid, Oid **rels, int *nrels, int *cap)
+{
+	ScanKeyData key[2];
+	SysScanDesc scan;
+	HeapTuple	tup;
+
+	ScanKeyInit(&key[0], Anum_pg_depend_refclassid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(classid));
+	ScanKeyInit(&key[1], Anum_pg_depend_refobjid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(objid));
+	scan = systable_beginscan(depRel, DependReferenceIndexId, true, NULL, 2, key);
+	while (HeapTupleIsValid(tup = systable_getnext(scan)))
+	{
+		Form_pg_depend d = (Form_pg_depend) GETSTRUCT(tup);
+		Oid			ev_class;
+
+		if (d->classid != RewriteRelationId)
+			continue;
+		ev_class = rule_relation(d->objid);
+		if (OidIsValid(ev_class))
+		{
+			bool		seen = false;
+
+			for (int i = 0; i < *nrels; i++)
+				seen |= ((*rels)[i] == ev_class);
+			if (!seen && *nrels < MAX_VIEWS)
+			{
+				if (*nrels >= *cap)
+				{
+					*cap *= 2;
+					*rels = repalloc(*rels, sizeof(Oid) * *cap);
+				}
+				(*rels)[(*nrels)++] = ev_class;
+			}
+		}
+	}
+	systable_endscan(scan);
+}
+
+/*
+ * Read the names of the views that decrypt: views whose rules use one of
+ * envelope's functions, and views over those.  Needs an open transaction.
+ */
+static void
+views_load(void)
+{
+	static bool callback_registered = false;
+	Oid			ext = get_extension_oid("envelope", true);
+	Relation	depRel;
+	ScanKeyData key[2];
+	SysScanDesc scan;
+	HeapTuple	tup;
+	Oid		   *rels;
+	int			nrels = 0;
+	int			cap = 64;
+	char	  **names;
+	int			n = 0;
+
+	if (!callback_registered)
+	{
+		CacheRegisterSyscacheCallback(RULERELNAME, views_inval_cb, (Datum) 0);
+		callback_registered = true;
+	}
+	for (int i = 0; i < nviews; i++)
+		pfree(view_names[i]);
+	nviews = 0;
+	views_valid = true;
+	if (!OidIsValid(ext))
+		return;
+
+	rels = palloc(sizeof(Oid) * cap);
+	depRel = table_open(DependRelationId, AccessShareLock);
+
+	/* The extension's functions, and the views that call them. */
+	ScanKeyInit(&key[0], Anum_pg_depend_refclassid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(ExtensionRelationId));
+	ScanKeyInit(&key[1], Anum_pg_depend_refobjid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(ext));
+	scan = systable_beginscan(depRel, DependReferenceIndexId, true, NULL, 2, key);
+	while (HeapTupleIsValid(tup = systable_getnext(scan)))
+	{
+		Form_pg_depend d = (Form_pg_depend) GETSTRUCT(tup);
+
+		if (d->classid == ProcedureRelationId && d->deptype == DEPENDENCY_EXTENSION)
+		{
+			Oid			fn = d->objid;
+
+			/* The scan's tuple is not kept across the nested scan. */
+			dependent_views(depRel, ProcedureRelationId, fn, &rels, &nrels, &cap);
+		}
+	}
+	systable_endscan(scan);
+
+	/* Views over those views, transitively. */
+	for (int i = 0; i < nrels; i++)
+		dependent_views(depRel, RelationRelationId, rels[i], &rels, &nrels, &cap);
+	table_close(depRel, AccessShareLock);
+
+	if (view_names == NULL)
+		view_names = MemoryContextAlloc(TopMemoryContext, sizeof(char *) * MAX_VIEWS);
+	names = view_names;
+	for (int i = 0; i < nrels; i++)
+		add_view(rels[i], &names, &n);
+	nviews = n;
+	pfree(rels);
+}
+
+/* At a statement boundary: refresh the names of decrypting views. */
+void
+env_redact_refresh(void)
+{
+	if (views_valid || views_loading || !IsTransactionState() ||
+		IsAbortedTransactionBlockState() || !OidIsValid(MyDatabaseId))
+		return;
+	views_loading = true;
+	PG_TRY();
+	{
+		views_load();
+	}
+	PG_FINALLY();
+	{
+		views_loading = false;
+	}
+	PG_END_TRY();
+}
+
+/* Does the statement text involve envelope? */
+static bool
+text_involved(const char *q)
+{
+	ScanResult	r;
+
+	if (q == NULL)
+		return false;
+	if (q == masked_query || learned_text(q))
+		return true;
+	scan_sql(q, NULL, false, &r);
+	if (r.mentions)
+		return true;
+	/* EXECUTE name: look at the prepared statement's text. */
+	if (r.nwords >= 2 && strcmp(r.words[0], "execute") == 0)
+	{
+		PreparedStatement *ps = FetchPreparedStatement(r.words[1], false);
+
+		if (ps && ps->plansource && ps->plansource->query_string)
+		{
+			const char *pq = ps->plansource->query_string;
+
+			if (learned_text(pq))
+				return true;
+			scan_sql(pq, NULL, false, &r);
+			return r.mentions;
+		}
+	}
+	return false;
+}
+
+/* Replace the text between double quotes in s with ***. */
+static char *
+mask_double_quoted(const char *s)
+{
+	StringInfoData out;
+	bool		inq = false;
+
+	initStringInfo(&out);
+	for (const char *p = s; *p; p++)
+	{
+		if (*p == '"')
+		{
+			appendStringInfoChar(&out, '"');
+			if (!inq)
+				appendStringInfoString(&out, "***");
+			inq = !inq;
+		}
+		else if (!inq)
+			appendStringInfoChar(&out, *p);
+	}
+	return out.data;
+}
+
+/* Mask one part of a report if it mentions envelope (or always, if involved). */
+static char *
+mask_part(char *part, bool involved)
+{
+	ScanResult	r;
+
+	if (part == NULL)
+		return NULL;
+	if (!involved)
+	{
+		scan_sql(part, NULL, true, &r);
+		if (!r.mentions)
+			return part;
+	}
+	return mask_sql(part, true);
+}
+
+/* The masked form of the message: the statement text in it, masked. */
+static char *
+mask_message(char *msg, const char *q)
+{
+	const char *at = q ? strstr(msg, q) : NULL;
+	StringInfoData out;
+
+	if (at == NULL)
+		return msg;
+	initStringInfo(&out);
+	appendBinaryStringInfo(&out, msg, at - msg);
+	appendStringInfoString(&out, mask_sql(q, false));
+	appendStringInfoString(&out, at + strlen(q));
+	return out.data;
+}
+
+/* emit_log_hook: mask what a report about an envelope statement would leak. */
+static void
+redact_emit_log_hook(ErrorData *edata)
+{
+	if (!in_hook && edata->output_to_server &&
+		!(edata->message && strncmp(edata->message, AUDIT_PREFIX, strlen(AUDIT_PREFIX)) == 0))
+	{
+		const char *q = debug_query_string;
+		bool		involved;
+
+		in_hook = true;
+		if (!views_valid && edata->elevel < ERROR)
+		{
+			PG_TRY();
+			{
+				env_redact_refresh();
+			}
+			PG_CATCH();
+			{
+				in_hook = false;
+				PG_RE_THROW();
+			}
+			PG_END_TRY();
+		}
+		involved = text_involved(q) ||
+			(noted_statement == env_statement_id && noted_query == q && q != NULL);
+
+		if (involved)
+		{
+			int			class = ERRCODE_TO_CATEGORY(edata->sqlerrcode);
+
+			if (edata->message)
+				edata->message = mask_message(edata->message, q);
+			if (edata->elevel >= ERROR &&
+				(class == ERRCODE_DATA_EXCEPTION ||
+				 class == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION))
+			{
+				/* Such errors can quote a decrypted value. */
+				if (edata->message)
+					edata->message = mask_double_quoted(edata->message);
+				if (edata->detail)
+					edata->detail = pstrdup("Values in this message were masked because the statement uses envelope.");
+			}
+			else
+				edata->detail = mask_part(edata->detail, true);
+			edata->detail_log = mask_part(edata->detail_log, true);
+			edata->context = mask_part(edata->context, true);
+			edata->internalquery = mask_part(edata->internalquery, true);
+
+			/* The STATEMENT line is printed from debug_query_string. */
+			if (!edata->hide_stmt && q != NULL && q != masked_query)
+			{
+				char	   *m = MemoryContextStrdup(TopMemoryContext, mask_sql(q, false));
+
+				debug_query_string = m;
+				if (masked_query)
+					pfree(masked_query);
+				masked_query = m;
+			}
+		}
+		else
+		{
+			/* A PL/pgSQL statement of a function called by an unrelated one. */
+			edata->context = mask_part(edata->context, false);
+			edata->internalquery = mask_part(edata->internalquery, false);
+		}
+		in_hook = false;
+	}
+	if (prev_emit_log_hook)
+		prev_emit_log_hook(edata);
+}
+
+/* Install the emit_log_hook (from _PG_init). */
+void
+env_redact_init(void)
+{
+	prev_emit_log_hook = emit_log_hook;
+	emit_log_hook = redact_emit_log_hook;
+}
