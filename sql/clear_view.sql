@@ -158,6 +158,8 @@ SELECT * FROM cv_ident_clear ORDER BY id;
 ---------------------------------------------------------------------------
 CREATE ROLE regress_cv_reader;
 CREATE ROLE regress_cv_owner;
+-- (and the per-KEK privileges: see the privileges test)
+SELECT envelope.grant('regress_a', r, 'all') FROM unnest(ARRAY['regress_cv_reader', 'regress_cv_owner']::regrole[]) r;
 GRANT CREATE ON SCHEMA public TO regress_cv_owner;
 
 -- Privileges on the view alone are not enough.
@@ -283,6 +285,7 @@ DROP TABLE cv_people, cv_docs, cv_ident, cv_granted, cv_owned, cv_nopk, cv_badct
 DROP VIEW cv_other;
 DROP SEQUENCE cv_seq;
 REVOKE CREATE ON SCHEMA public FROM regress_cv_owner;
+SELECT envelope.revoke('regress_a', r, 'all') FROM unnest(ARRAY['regress_cv_reader', 'regress_cv_owner']::regrole[]) r;
 DROP ROLE regress_cv_reader;
 DROP ROLE regress_cv_owner;
 -- Choices outlive a dropped table (here one that never got a view); a

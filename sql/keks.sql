@@ -29,8 +29,19 @@ SELECT envelope.create_kek('x', 'vault', 'regress_a');
 SELECT envelope.rotate_kek('regress_a');
 -- but the registry is readable, and values can be decrypted through it
 SELECT count(*) >= 3 AS visible FROM envelope.keks;
+-- but using a KEK takes a privilege on it
 SELECT dec_text(enc('as a plain user', 'regress_a')) AS plain_user_roundtrip;
 RESET ROLE;
+SELECT envelope.grant('regress_a', 'regress_envelope_user', 'encrypt');
+SET ROLE regress_envelope_user;
+SELECT enc('as a plain user', 'regress_a') IS NOT NULL AS encrypted;
+SELECT dec_text(enc('as a plain user', 'regress_a')) AS plain_user_roundtrip;
+RESET ROLE;
+SELECT envelope.grant('regress_a', 'regress_envelope_user', 'decrypt');
+SET ROLE regress_envelope_user;
+SELECT dec_text(enc('as a plain user', 'regress_a')) AS plain_user_roundtrip;
+RESET ROLE;
+SELECT envelope.revoke('regress_a', 'regress_envelope_user', 'all');
 DROP ROLE regress_envelope_user;
 
 -- Volatility and parallel safety as documented.

@@ -27,6 +27,7 @@
  */
 #include "postgres.h"
 
+#include "envelope.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "commands/trigger.h"

@@ -31,6 +31,7 @@
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
+#include "envelope.h"
 #include "crypto.h"
 
 #define HKDF_INFO	"envelope v1 AES-256-GCM value key and commitment"

@@ -19,6 +19,13 @@
 
 #include "compat.h"
 
+/*
+ * envelope's own message domain: the log hook tells envelope's reports from
+ * PostgreSQL's by it (and translations would use it).
+ */
+#undef TEXTDOMAIN
+#define TEXTDOMAIN PG_TEXTDOMAIN("envelope")
+
 /* Size of a data key (DEK) and of every per-value key: AES-256. */
 #define ENV_KEY_LEN			32
 

@@ -25,6 +25,7 @@
 
 #include <signal.h>
 
+#include "envelope.h"
 #include "libpq/pqsignal.h"
 #include "miscadmin.h"
 

@@ -10,6 +10,7 @@
  */
 #include "postgres.h"
 
+#include "envelope.h"
 #include "utils/timestamp.h"
 
 #include "kms.h"

@@ -38,6 +38,7 @@
  */
 #include "postgres.h"
 
+#include "envelope.h"
 #include "access/genam.h"
 #include "access/htup_details.h"
 #include "access/table.h"
@@ -179,6 +180,9 @@ skip_quoted(const char *s, int i, bool esc)
 static void
 scan_sql(const char *s, StringInfo out, bool dq_text, ScanResult *r)
 {
+	/* With dq_text (prose quoting SQL), numbers are left alone. */
+	bool		mask_numbers = !dq_text;
+
 	int			i = 0;
 
 	memset(r, 0, sizeof(*r));
@@ -256,8 +260,9 @@ scan_sql(const char *s, StringInfo out, bool dq_text, ScanResult *r)
 			}
 			i++;
 		}
-		else if ((c >= '0' && c <= '9') ||
-				 (c == '.' && s[i + 1] >= '0' && s[i + 1] <= '9'))
+		else if (mask_numbers &&
+				 ((c >= '0' && c <= '9') ||
+				  (c == '.' && s[i + 1] >= '0' && s[i + 1] <= '9')))
 		{
 			/* (digits inside words were consumed with the word) */
 			while (ident_cont((unsigned char) s[i]) || s[i] == '.' ||
@@ -559,9 +564,12 @@ mask_double_quoted(const char *s)
 	return out.data;
 }
 
-/* Mask one part of a report if it mentions envelope (or always, if involved). */
+/*
+ * Mask one part of a report if it mentions envelope (or always, if
+ * involved); prose is text that quotes SQL, such as a CONTEXT line.
+ */
 static char *
-mask_part(char *part, bool involved)
+mask_part(char *part, bool involved, bool prose)
 {
 	ScanResult	r;
 
@@ -569,11 +577,11 @@ mask_part(char *part, bool involved)
 		return NULL;
 	if (!involved)
 	{
-		scan_sql(part, NULL, true, &r);
+		scan_sql(part, NULL, prose, &r);
 		if (!r.mentions)
 			return part;
 	}
-	return mask_sql(part, true);
+	return mask_sql(part, prose);
 }
 
 /* The masked form of the message: the statement text in it, masked. */
@@ -590,6 +598,34 @@ mask_message(char *msg, const char *q)
 	appendStringInfoString(&out, mask_sql(q, false));
 	appendStringInfoString(&out, at + strlen(q));
 	return out.data;
+}
+
+/* Is this one of postgres.c's statement-logging lines (by format string)? */
+static bool
+statement_log_line(const ErrorData *edata)
+{
+	static const char *const formats[] = {
+		"statement: %s",
+		"duration: %s ms  statement: %s",
+		"execute %s%s%s%s: %s",
+		"duration: %s ms  %s %s%s%s: %s",
+		"duration: %s ms  bind %s%s%s: %s",
+		"duration: %s ms  parse %s: %s",
+	};
+
+	if (edata->message_id == NULL)
+		return false;
+	for (int i = 0; i < (int) lengthof(formats); i++)
+		if (strcmp(edata->message_id, formats[i]) == 0)
+			return true;
+	return false;
+}
+
+/* Was the report raised by PostgreSQL itself (not envelope, not a PL)? */
+static bool
+core_report(const ErrorData *edata)
+{
+	return edata->domain == NULL || strncmp(edata->domain, "postgres-", 9) == 0;
 }
 
 /* emit_log_hook: mask what a report about an envelope statement would leak. */
@@ -625,9 +661,17 @@ redact_emit_log_hook(ErrorData *edata)
 
 			if (edata->message)
 				edata->message = mask_message(edata->message, q);
-			if (edata->elevel >= ERROR &&
-				(class == ERRCODE_DATA_EXCEPTION ||
-				 class == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION))
+			if (statement_log_line(edata))
+			{
+				/* DETAIL: "parameters: $1 = '...'" or "prepare: PREPARE ..." */
+				if (edata->detail)
+					edata->detail = mask_sql(edata->detail, true);
+			}
+			else if (edata->elevel >= ERROR && core_report(edata) &&
+					 (class == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION ||
+					  (class == ERRCODE_DATA_EXCEPTION &&
+					   edata->sqlerrcode != ERRCODE_INVALID_PARAMETER_VALUE &&
+					   edata->sqlerrcode != ERRCODE_DIVISION_BY_ZERO)))
 			{
 				/* Such errors can quote a decrypted value. */
 				if (edata->message)
@@ -635,11 +679,8 @@ redact_emit_log_hook(ErrorData *edata)
 				if (edata->detail)
 					edata->detail = pstrdup("Values in this message were masked because the statement uses envelope.");
 			}
-			else
-				edata->detail = mask_part(edata->detail, true);
-			edata->detail_log = mask_part(edata->detail_log, true);
-			edata->context = mask_part(edata->context, true);
-			edata->internalquery = mask_part(edata->internalquery, true);
+			edata->context = mask_part(edata->context, true, true);
+			edata->internalquery = mask_part(edata->internalquery, true, false);
 
 			/* The STATEMENT line is printed from debug_query_string. */
 			if (!edata->hide_stmt && q != NULL && q != masked_query)
@@ -655,8 +696,8 @@ redact_emit_log_hook(ErrorData *edata)
 		else
 		{
 			/* A PL/pgSQL statement of a function called by an unrelated one. */
-			edata->context = mask_part(edata->context, false);
-			edata->internalquery = mask_part(edata->internalquery, false);
+			edata->context = mask_part(edata->context, false, true);
+			edata->internalquery = mask_part(edata->internalquery, false, false);
 		}
 		in_hook = false;
 	}

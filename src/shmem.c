@@ -32,6 +32,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "envelope.h"
 #include "miscadmin.h"
 #include "port/atomics.h"
 #include "storage/ipc.h"

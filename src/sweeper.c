@@ -12,6 +12,7 @@
  */
 #include "postgres.h"
 
+#include "envelope.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "pgstat.h"
