@@ -92,7 +92,10 @@ SET envelope.audit = off;
 RESET ROLE;
 SHOW envelope.audit;
 
-SELECT envelope.revoke('regress_a', 'regress_priv_maint', 'all');
+-- a role holding KEK privileges cannot be dropped; DROP OWNED BY removes them
+DROP ROLE regress_priv_maint;
+DROP OWNED BY regress_priv_maint;
+SELECT count(*) AS maint_privileges FROM envelope.kek_privileges WHERE grantee::text = 'regress_priv_maint';
 DROP FUNCTION priv_read(int);
 DROP TABLE priv_t;
 DROP ROLE regress_priv_app, regress_priv_maint, regress_priv_member, regress_priv_noinherit,

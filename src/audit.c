@@ -71,6 +71,7 @@
 
 #include "envelope.h"
 #include "audit.h"
+#include "authz.h"
 #include "crypto.h"
 #include "format.h"
 #include "redact.h"
@@ -661,6 +662,8 @@ audit_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
 
 	if (top)
 		audit_statement_start();
+	if (IsA(pstmt->utilityStmt, DropRoleStmt))
+		env_authz_check_drop_role(((DropRoleStmt *) pstmt->utilityStmt)->roles);
 	nesting_level++;
 	PG_TRY();
 	{
@@ -676,6 +679,8 @@ audit_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
 		nesting_level--;
 	}
 	PG_END_TRY();
+	if (IsA(pstmt->utilityStmt, DropOwnedStmt))
+		env_authz_drop_owned(((DropOwnedStmt *) pstmt->utilityStmt)->roles);
 	if (top)
 		audit_statement_end();
 }

@@ -35,6 +35,7 @@
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/lmgr.h"
+#include "nodes/parsenodes.h"
 #include "utils/acl.h"
 #include "catalog/pg_type.h"
 #include "utils/builtins.h"
@@ -242,6 +243,76 @@ env_authorize(const KekInfo *kek, EnvPrivilege priv, int32 version)
 allowed:
 	if (env_authorize_hook)
 		env_authorize_hook(kek, priv);
+}
+
+/*
+ * Before DROP ROLE: refuse to drop a role that holds KEK privileges in this
+ * database, as PostgreSQL does for roles with privileges on objects.
+ */
+void
+env_authz_check_drop_role(List *roles)
+{
+	ListCell   *lc;
+
+	if (!IsTransactionState() || get_namespace_oid("envelope", true) == InvalidOid)
+		return;
+	if (!grants_valid)
+		grants_load();
+	foreach(lc, roles)
+	{
+		RoleSpec   *spec = lfirst(lc);
+		Oid			role;
+
+		if (spec->roletype != ROLESPEC_CSTRING)
+			continue;
+		role = get_role_oid(spec->rolename, true);
+		for (int i = 0; OidIsValid(role) && i < ngrants; i++)
+			if (grants[i].grantee == role)
+				ereport(ERROR,
+						(errcode(ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST),
+						 errmsg("role \"%s\" cannot be dropped because it holds privileges on KEK \"%s\"",
+								spec->rolename, grants[i].kek),
+						 errhint("Revoke them with envelope.revoke() first, or run DROP OWNED BY.")));
+	}
+}
+
+/* After DROP OWNED BY: drop the roles' KEK privileges in this database too. */
+void
+env_authz_drop_owned(List *roles)
+{
+	ListCell   *lc;
+	Oid			nsp = get_namespace_oid("envelope", true);
+
+	if (!OidIsValid(nsp) || !OidIsValid(get_relname_relid("kek_grant", nsp)))
+		return;
+	SPI_connect();
+	foreach(lc, roles)
+	{
+		RoleSpec   *spec = lfirst(lc);
+		Oid			role = get_rolespec_oid(spec, true);
+		Oid			argtypes[1] = {OIDOID};
+		Datum		values[1];
+
+		if (!OidIsValid(role))
+			continue;
+		values[0] = ObjectIdGetDatum(role);
+		if (SPI_execute_with_args("DELETE FROM envelope.kek_grant "
+								  "WHERE grantee OPERATOR(pg_catalog.=) $1::pg_catalog.regrole",
+								  1, argtypes, values, NULL, false, 0) < 0)
+			elog(ERROR, "could not change envelope.kek_grant");
+		if (SPI_processed > 0)
+		{
+			StringInfoData extra;
+
+			initStringInfo(&extra);
+			appendStringInfoString(&extra, "{\"grantee\": ");
+			escape_json(&extra, GetUserNameFromId(role, false));
+			appendStringInfo(&extra, ", \"privileges\": " UINT64_FORMAT ", \"by\": \"DROP OWNED\"}",
+							 SPI_processed);
+			env_audit("revoke", NULL, 0, extra.data);
+		}
+	}
+	SPI_finish();
 }
 
 /* Raise 42501 unless the current user may manage KEKs (what: the action). */

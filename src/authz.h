@@ -9,6 +9,7 @@
 #define ENVELOPE_AUTHZ_H
 
 #include "kek.h"
+#include "nodes/pg_list.h"
 
 typedef enum EnvPrivilege
 {
@@ -24,6 +25,10 @@ typedef enum EnvPrivilege
  * consulted, so a cache hit never bypasses it.
  */
 extern void env_authorize(const KekInfo *kek, EnvPrivilege priv, int32 version);
+
+/* DROP ROLE refuses roles with KEK privileges; DROP OWNED BY removes them. */
+extern void env_authz_check_drop_role(List *roles);
+extern void env_authz_drop_owned(List *roles);
 
 /* Raise 42501 unless the current user is a superuser or envelope_admin member. */
 extern void env_require_admin(const char *what);

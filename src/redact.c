@@ -652,8 +652,7 @@ redact_emit_log_hook(ErrorData *edata)
 			}
 			PG_END_TRY();
 		}
-		involved = text_involved(q) ||
-			(noted_statement == env_statement_id && noted_query == q && q != NULL);
+		involved = text_involved(q);
 
 		if (involved)
 		{

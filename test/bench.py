@@ -5,6 +5,8 @@ For ROWS rows (default 100,000) of 100-byte values:
   1. INSERT ... SELECT enc(...) versus the same INSERT of plain bytea;
   2. a full SELECT dec(...) with a cold cache (after cache_flush) and a warm
      one, versus SELECT of the plain column;
+     and the cost of envelope.audit = statement and value on the warm scan,
+     as ratios to audit = off;
   3. pgbench TPS of a primary-key point select returning dec(col) versus the
      plain column, at 1, 4 and 8 clients;
 with the KMS calls each step made, counted twice: by the extension
@@ -146,6 +148,18 @@ def main():
     cur.execute("EXPLAIN (ANALYZE, COSTS OFF) SELECT sum(length(dec_bytea(v))) FROM bench_enc")
     workers = [r[0] for r in cur.fetchall() if "Workers Launched" in r[0]]
     print(f"   plan: {workers[0].strip() if workers else 'no parallel workers'}")
+
+    print("\n   audit cost on the warm scan (envelope.audit; ratios to off, same session)")
+    scan = "SELECT sum(length(dec_bytea(v))) FROM bench_enc"
+    audit = {}
+    for level in ("off", "statement", "value"):
+        cur.execute(f"SET envelope.audit = {level}")
+        audit[level] = median_time(cur, scan)
+    cur.execute("RESET envelope.audit")
+    for level in ("off", "statement", "value"):
+        records = {"off": "no records", "statement": "1 record per scan",
+                   "value": f"{ROWS} records per scan"}[level]
+        print(f"   audit = {level:<9}           {audit[level]:7.3f} s   {audit[level] / audit['off']:5.2f}x off   ({records})")
 
     print(f"\n3. pgbench point selects by primary key ({SECONDS} s each, -M prepared)")
     cur.execute(f"CREATE UNLOGGED TABLE bench_pk AS SELECT g AS id, {PAYLOAD} AS plain, enc({PAYLOAD}) AS v {src}")
