@@ -24,7 +24,13 @@ GRANT EXECUTE ON FUNCTION envelope.rotate_kek(pg_catalog.text) TO envelope_admin
 GRANT EXECUTE ON FUNCTION envelope.cache_flush(pg_catalog.text) TO envelope_admin;
 GRANT EXECUTE ON FUNCTION envelope.retire_kek_version(pg_catalog.text, pg_catalog.int4) TO envelope_admin;
 GRANT EXECUTE ON FUNCTION envelope._kms_retire(pg_catalog.text, pg_catalog.int4) TO envelope_admin;
-GRANT EXECUTE ON FUNCTION envelope.audit_event(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.jsonb) TO envelope_admin;
+-- rewrap_column needs only the rewrap privilege on the KEKs (checked by
+-- rewrap()) and UPDATE on the table: a maintenance role can run it.  It
+-- records its progress and writes "rewrap" audit records (audit_event
+-- accepts other events from admins only).
+GRANT EXECUTE ON FUNCTION envelope.audit_event(pg_catalog.text, pg_catalog.text, pg_catalog.int4, pg_catalog.jsonb) TO PUBLIC;
+GRANT EXECUTE ON PROCEDURE envelope.rewrap_column(pg_catalog.regclass, pg_catalog.name, pg_catalog.int4, pg_catalog.text, pg_catalog.interval) TO PUBLIC;
+GRANT INSERT, UPDATE ON envelope.rewrap_run TO PUBLIC;
 GRANT INSERT, UPDATE ON envelope.kek TO envelope_admin;
 
 ---------------------------------------------------------------------------

@@ -139,6 +139,7 @@ static int	naggs = 0;
 static int	last_agg = -1;		/* where the previous use went */
 static int	nesting_level = 0;
 static bool exit_cb_registered = false;
+static bool failed_since_use = false;	/* a subtransaction failed since counting */
 
 /* Names looked up while catalog access works, for records written on abort. */
 static Oid	user_oid = InvalidOid;
@@ -431,6 +432,7 @@ audit_flush(const char *outcome)
 	/* Forget first: a failure while writing must not write them twice. */
 	naggs = 0;
 	last_agg = -1;
+	failed_since_use = false;
 	for (int i = 0; i < n; i++)
 		emit_agg(&aggs[i], outcome);
 }
@@ -520,12 +522,16 @@ audit_collect_workers(void)
 			emit_agg(&got[i], "ok");
 }
 
-/* A top-level statement starts: write what a failed one left behind. */
+/*
+ * A top-level statement starts: write what an earlier one left behind.  That
+ * is a statement that failed inside a savepoint (a subtransaction aborted),
+ * or a portal still open when the next one starts (extended protocol).
+ */
 static void
 audit_statement_start(void)
 {
 	if (naggs > 0)
-		audit_flush("error");
+		audit_flush(failed_since_use ? "error" : "ok");
 	env_statement_id++;
 	env_redact_refresh();
 }
@@ -569,6 +575,15 @@ audit_xact_cb(XactEvent event, void *arg)
 		default:
 			break;
 	}
+}
+
+/* A subtransaction failed: the statement that used keys may have failed. */
+static void
+audit_subxact_cb(SubXactEvent event, SubTransactionId mySubid,
+				 SubTransactionId parentSubid, void *arg)
+{
+	if (event == SUBXACT_EVENT_ABORT_SUB && naggs > 0)
+		failed_since_use = true;
 }
 
 /* Backend exit (for example pg_terminate_backend mid-statement). */
@@ -720,6 +735,7 @@ env_audit_init(void)
 	prev_ProcessUtility = ProcessUtility_hook;
 	ProcessUtility_hook = audit_ProcessUtility;
 	RegisterXactCallback(audit_xact_cb, NULL);
+	RegisterSubXactCallback(audit_subxact_cb, NULL);
 }
 
 /* The fingerprint of a stored value: 128 bits of SHA-256, in hex. */
@@ -853,6 +869,9 @@ envelope_audit_event(PG_FUNCTION_ARGS)
 	if (PG_ARGISNULL(0))
 		PG_RETURN_VOID();
 	event = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	/* Anyone running rewrap_column reports its progress; the rest is admin's. */
+	if (strcmp(event, "rewrap") != 0)
+		env_require_admin("write audit events");
 	if (!PG_ARGISNULL(3))
 		extra = JsonbToCString(NULL, &PG_GETARG_JSONB_P(3)->root, VARSIZE(PG_GETARG_JSONB_P(3)));
 	env_audit(event, kek, version, extra);

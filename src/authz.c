@@ -86,6 +86,7 @@ static bool callbacks_registered = false;
 static AuthzMemo memo[MEMO_SIZE];
 static int	nmemo = 0;
 static uint64 memo_statement = 0;
+static bool memo_started = false;
 
 /* Relcache callback: drop the copy when envelope.kek_grant changes. */
 static void
@@ -210,11 +211,12 @@ env_authorize(const KekInfo *kek, EnvPrivilege priv, int32 version)
 	Oid			userid = GetUserId();
 
 	/* First use in a statement: apply revokes committed since the last one. */
-	if (memo_statement != env_statement_id || memo_statement == 0)
+	if (memo_statement != env_statement_id || !memo_started)
 	{
 		AcceptInvalidationMessages();
 		nmemo = 0;
 		memo_statement = env_statement_id;
+		memo_started = true;
 	}
 	for (int i = 0; i < nmemo; i++)
 		if (memo[i].userid == userid && memo[i].priv == priv &&

@@ -607,7 +607,7 @@ statement_log_line(const ErrorData *edata)
 	static const char *const formats[] = {
 		"statement: %s",
 		"duration: %s ms  statement: %s",
-		"execute %s%s%s%s: %s",
+		"%s %s%s%s: %s",		/* execute <name>: (execute is translated) */
 		"duration: %s ms  %s %s%s%s: %s",
 		"duration: %s ms  bind %s%s%s: %s",
 		"duration: %s ms  parse %s: %s",
@@ -639,7 +639,13 @@ redact_emit_log_hook(ErrorData *edata)
 		bool		involved;
 
 		in_hook = true;
-		if (!views_valid && edata->elevel < ERROR)
+
+		/*
+		 * log_statement writes before any hook of ours ran for the statement:
+		 * read the decrypting views now if this session has not yet.
+		 */
+		if (!views_valid && edata->elevel == LOG && CritSectionCount == 0 &&
+			statement_log_line(edata))
 		{
 			PG_TRY();
 			{
@@ -667,12 +673,18 @@ redact_emit_log_hook(ErrorData *edata)
 					edata->detail = mask_sql(edata->detail, true);
 			}
 			else if (edata->elevel >= ERROR && core_report(edata) &&
-					 (class == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION ||
-					  (class == ERRCODE_DATA_EXCEPTION &&
-					   edata->sqlerrcode != ERRCODE_INVALID_PARAMETER_VALUE &&
-					   edata->sqlerrcode != ERRCODE_DIVISION_BY_ZERO)))
+					 class == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION)
 			{
-				/* Such errors can quote a decrypted value. */
+				/* "Failing row contains (...)", "Key (...)=(...)": values. */
+				if (edata->detail)
+					edata->detail = pstrdup("Values in this message were masked because the statement uses envelope.");
+			}
+			else if (edata->elevel >= ERROR && core_report(edata) &&
+					 class == ERRCODE_DATA_EXCEPTION &&
+					 edata->sqlerrcode != ERRCODE_INVALID_PARAMETER_VALUE &&
+					 edata->sqlerrcode != ERRCODE_DIVISION_BY_ZERO)
+			{
+				/* Such errors quote the offending value: invalid input "...". */
 				if (edata->message)
 					edata->message = mask_double_quoted(edata->message);
 				if (edata->detail)

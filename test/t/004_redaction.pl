@@ -1,0 +1,535 @@
+
+# Redaction: plaintext given to enc() or returned by dec() never reaches the
+# server log.
+#
+# Every plaintext is a fresh random secret ('SECRET-' and 16 hex digits).
+# After each scenario the whole server log must contain no secret (nor its
+# hex digits alone, nor its hex encoding as a bytea would show it), and the
+# statement line must be there with its constants replaced by '***':
+#
+#   log_statement = all: INSERT ... enc('...') and SELECT ... WHERE
+#     dec_text(v) = '...'
+#   log_min_duration_statement = 0 (log_statement = none), also for a
+#     statement whose text names no envelope object but that executed enc()
+#     inside a PL/pgSQL function
+#   errors (log_min_error_statement): enc('...', 'nosuchkek') (the client
+#     still gets 42704), dec_text(v)::int of a secret that is no number (the
+#     client still gets 22P02), a check constraint failing on a row built from
+#     dec_text() ("Failing row contains ...", 23514)
+#   PREPARE / EXECUTE, with the DETAIL "prepare: ..." line
+#   extended protocol (pgbench -M extended and -M prepared): the DETAIL
+#     "parameters: $1 = ..." line with log_parameter_max_length = -1, and a
+#     failing statement with log_parameter_max_length_on_error = -1
+#   writes and reads through a clear view (envelope.create_clear_view), whose
+#     statement text names no envelope function
+#   psycopg2: a plain INSERT with enc(%s), PREPARE and EXECUTE q(%s)
+#
+# Statements that do not involve the extension are logged unchanged: a
+# canary 'canary-plain-<random>' appears verbatim with log_statement = all,
+# with log_min_duration_statement = 0 and in EXECUTE of a prepared statement
+# that does not use envelope.
+#
+# Run with test/run-tap.  Needs ENVELOPE_ROOT (the repository, for the test
+# KMS), envelope installed, pgbench, and Debian's /usr/bin/python3 with
+# python3-cryptography and python3-psycopg2.
+
+use strict;
+use warnings;
+
+use File::Basename qw(dirname);
+use File::Copy qw(copy);
+use Cwd qw(abs_path);
+use IPC::Run;
+use Time::HiRes qw(usleep time);
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $t_start = time;
+
+my $root = $ENV{ENVELOPE_ROOT} // abs_path(dirname(__FILE__) . '/../..');
+my $kms_script = "$root/test/kms/vault_transit.py";
+-f $kms_script or BAIL_OUT("test KMS not found at $kms_script (set ENVELOPE_ROOT)");
+
+my $tmp = PostgreSQL::Test::Utils::tempdir('redaction');
+my $logdir = $PostgreSQL::Test::Utils::log_path;
+my $timeout = $PostgreSQL::Test::Utils::timeout_default;
+
+# ---------------------------------------------------------------------------
+# The test KMS
+# ---------------------------------------------------------------------------
+
+my $kms_dir = "$tmp/kms";
+my $kms_port = PostgreSQL::Test::Cluster::get_free_port();
+my $kms_admin_port = PostgreSQL::Test::Cluster::get_free_port();
+my $kms_log = "$logdir/004_redaction_kms.log";
+my $kms_out = '';
+my $kms = IPC::Run::start(
+	[
+		'/usr/bin/python3', $kms_script,
+		'--dir', $kms_dir,
+		'--port', $kms_port,
+		'--admin-port', $kms_admin_port
+	],
+	'<', '/dev/null', '>', \$kms_out, '2>', $kms_log);
+{
+	my $deadline = time + 30;
+	while ($kms_out !~ /^READY /m && time < $deadline && $kms->pumpable)
+	{
+		$kms->pump_nb;
+		usleep(50_000);
+	}
+	if ($kms_out !~ /^READY https:\/\/127\.0\.0\.1:$kms_port/m)
+	{
+		diag("KMS output: $kms_out");
+		diag("KMS log:\n" . slurp_file($kms_log)) if -f $kms_log;
+		BAIL_OUT('the test KMS did not start');
+	}
+}
+my $kms_stopped = 0;
+END
+{
+	if ($kms && !$kms_stopped)
+	{
+		eval { $kms->signal('TERM'); $kms->finish; 1 } or eval { $kms->kill_kill; };
+	}
+}
+note "test KMS on https://127.0.0.1:$kms_port (admin $kms_admin_port), log $kms_log";
+
+sub kms_create_key
+{
+	my ($name) = @_;
+	my $token = slurp_file("$kms_dir/token");
+	chomp $token;
+	my ($out, $err) = ('', '');
+	my $ok = IPC::Run::run(
+		[
+			'curl', '-sS', '--fail',
+			'--cacert', "$kms_dir/ca.pem",
+			'-H', "X-Vault-Token: $token",
+			'-X', 'POST',
+			'-d', '{"type":"aes256-gcm96"}',
+			"https://127.0.0.1:$kms_port/v1/transit/keys/$name"
+		],
+		'>', \$out, '2>', \$err);
+	ok($ok, "KMS key $name created") or diag("curl: $out $err");
+	return;
+}
+
+kms_create_key('k');
+
+copy("$kms_dir/token", "$kms_dir/token-for-pg") or die "copy token: $!";
+chmod(0600, "$kms_dir/token-for-pg") or die "chmod token: $!";
+
+# ---------------------------------------------------------------------------
+# The node
+# ---------------------------------------------------------------------------
+
+my $node = PostgreSQL::Test::Cluster->new('main');
+$node->init;
+$node->append_conf(
+	'postgresql.conf', qq{
+shared_preload_libraries = 'envelope'
+envelope.vault_addr = 'https://127.0.0.1:$kms_port'
+envelope.vault_token_file = '$kms_dir/token-for-pg'
+envelope.vault_ca_file = '$kms_dir/ca.pem'
+envelope.default_kek = 'k'
+log_destination = 'stderr'
+log_statement = all
+log_min_error_statement = error
+max_connections = 20
+});
+$node->start;
+
+my $su = $node->safe_psql('postgres', 'SELECT current_user');
+
+$node->safe_psql('postgres', 'CREATE EXTENSION envelope');
+is($node->safe_psql('postgres', q{SELECT envelope.create_kek('k', 'vault', 'k')}),
+	'1', 'KEK k registered');
+$node->safe_psql(
+	'postgres', q{
+-- rid: the primary key a clear view needs; the tests write (id, v) only,
+-- and pgbench inserts the same id several times.
+CREATE TABLE t (id int, v enc_bytea, rid serial PRIMARY KEY);
+-- Rows built from plaintext must not start with SECRET-.
+CREATE TABLE chk (id int, p text CONSTRAINT p_no_secret CHECK (p NOT LIKE 'SECRET-%'));
+-- Calls enc() where the calling statement's text does not show it.
+CREATE FUNCTION wrap_enc(p text) RETURNS enc_bytea LANGUAGE plpgsql AS $$BEGIN RETURN enc(p); END$$;
+});
+is($node->safe_psql('postgres', q{SELECT envelope.create_clear_view('t')}),
+	't_clear', 'clear view t_clear created');
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+sub rand_hex { return join('', map { sprintf '%02x', int rand 256 } 1 .. $_[0]); }
+
+# Every secret used so far; each must never appear in the server log.
+my @secrets;
+sub new_secret
+{
+	my $s = 'SECRET-' . rand_hex(8);
+	push @secrets, $s;
+	return $s;
+}
+
+# Runs SQL as the superuser in one new session (statements sent one by one);
+# returns (exit code, stdout, stderr), errors with their SQLSTATE.
+sub psql_verbose
+{
+	my ($sql, %opt) = @_;
+	my ($out, $err) = ('', '');
+	my $rc = $node->psql(
+		'postgres', $sql,
+		stdout => \$out,
+		stderr => \$err,
+		timeout => $timeout,
+		on_error_stop => $opt{on_error_stop} // 1,
+		extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+	return ($rc, $out, $err);
+}
+
+# Sets server-wide logging settings (undef: RESET), reloads, and waits until
+# a new session sees every one of them.
+sub set_logging
+{
+	my (%set) = @_;
+	my $sql = '';
+	for my $k (sort keys %set)
+	{
+		$sql .= defined $set{$k} ? "ALTER SYSTEM SET $k = '$set{$k}';\n" : "ALTER SYSTEM RESET $k;\n";
+	}
+	$node->safe_psql('postgres', $sql . 'SELECT pg_reload_conf();');
+	my $check = join(' AND ',
+		map { "current_setting('$_') = " . (defined $set{$_} ? "'$set{$_}'" : "(SELECT boot_val FROM pg_settings WHERE name = '$_')") }
+		  sort keys %set);
+	ok($node->poll_query_until('postgres', "SELECT $check"),
+		'logging: ' . join(', ', map { "$_ = " . ($set{$_} // 'default') } sort keys %set));
+	return;
+}
+
+sub log_offset { return -s $node->logfile; }
+
+# The scenario's part of the log.
+sub log_since { return slurp_file($node->logfile, $_[0]); }
+
+# Checks that no secret used so far appears in the server log after
+# $offset (0: the whole log): not as is, not its random part alone, not
+# hex-encoded.  Each scenario checks its own part of the log, so that one
+# leak is reported once, by the scenario that caused it.
+sub no_secret_in_log
+{
+	my ($name, $offset) = @_;
+	my $log = slurp_file($node->logfile, $offset);
+	my @forms;
+	for my $s (@secrets)
+	{
+		my ($hex) = $s =~ /^SECRET-(.*)$/;
+		push @forms, $s, $hex, unpack('H*', $s);
+	}
+	my $re = join('|', map { quotemeta } @forms);
+	my @leaks = grep { /$re/i } split /\n/, $log;
+	ok(!@leaks, "$name: no secret in the server log")
+	  or diag(scalar(@leaks) . " line(s) with a secret, the first ones:\n"
+		  . join("\n", @leaks[ 0 .. ($#leaks < 9 ? $#leaks : 9) ]));
+	return;
+}
+
+# like() on the scenario's log, showing its statement-ish lines on failure.
+sub log_like
+{
+	my ($log, $re, $name) = @_;
+	like($log, $re, $name)
+	  or diag("log lines:\n" . join("\n", grep { /statement:|STATEMENT:|DETAIL:|CONTEXT:|ERROR:|execute|duration:/ } split /\n/, $log));
+	return;
+}
+
+my $masked = qr/'\*\*\*'/;
+# A masked numeric constant: '***' (as the spec words it) or a bare ***.
+my $num = qr/(?:'\*\*\*'|\*\*\*)/;
+
+# ---------------------------------------------------------------------------
+# Statements without envelope are logged as they are
+# ---------------------------------------------------------------------------
+
+set_logging(log_statement => 'all', log_min_duration_statement => '-1');
+{
+	my $canary = 'canary-plain-' . rand_hex(8);
+	my $off = log_offset();
+	my ($rc, $out, $err) = psql_verbose("SELECT '$canary'");
+	is($out, $canary, 'canary: the plain statement runs');
+	log_like(log_since($off), qr/LOG:  statement: SELECT '\Q$canary\E';?$/m,
+		'canary: a statement without envelope is logged verbatim (log_statement = all)');
+}
+
+# ---------------------------------------------------------------------------
+# log_statement = all
+# ---------------------------------------------------------------------------
+
+{
+	my $s = new_secret();
+	my $off = log_offset();
+	my ($rc, $out, $err) = psql_verbose(qq{INSERT INTO t VALUES (1, enc('$s'));\nSELECT id FROM t WHERE dec_text(v) = '$s';});
+	is($rc, 0, 'log_statement = all: INSERT with enc() and SELECT with dec_text() run') or diag($err);
+	is($out, '1', 'log_statement = all: the row is found by its plaintext');
+	my $log = log_since($off);
+	log_like($log, qr/LOG:  statement: INSERT INTO t VALUES \($num, enc\('\*\*\*'\)\);?$/m,
+		'log_statement = all: INSERT logged with its constants masked');
+	log_like($log, qr/LOG:  statement: SELECT id FROM t WHERE dec_text\(v\) = '\*\*\*';?$/m,
+		'log_statement = all: SELECT logged with its constant masked');
+	no_secret_in_log('log_statement = all', $off);
+}
+
+# ---------------------------------------------------------------------------
+# log_min_duration_statement = 0
+# ---------------------------------------------------------------------------
+
+set_logging(log_statement => 'none', log_min_duration_statement => '0');
+{
+	my $s = new_secret();
+	my $canary = 'canary-plain-' . rand_hex(8);
+	my $off = log_offset();
+	my ($rc, $out, $err) = psql_verbose(
+		qq{INSERT INTO t VALUES (2, enc('$s'));\nSELECT count(*) FROM t WHERE dec_text(v) = '$s';\nSELECT '$canary';});
+	is($rc, 0, 'log_min_duration_statement = 0: statements run') or diag($err);
+	is($out, "1\n$canary", 'log_min_duration_statement = 0: results');
+	my $log = log_since($off);
+	log_like($log, qr/LOG:  duration: [0-9.]+ ms  statement: INSERT INTO t VALUES \($num, enc\('\*\*\*'\)\);?$/m,
+		'log_min_duration_statement = 0: INSERT logged masked');
+	log_like($log, qr/LOG:  duration: [0-9.]+ ms  statement: SELECT count\(\*\) FROM t WHERE dec_text\(v\) = '\*\*\*';?$/m,
+		'log_min_duration_statement = 0: SELECT logged masked');
+	log_like($log, qr/LOG:  duration: [0-9.]+ ms  statement: SELECT '\Q$canary\E';?$/m,
+		'log_min_duration_statement = 0: the canary logged verbatim');
+	unlike($log, qr/LOG:  statement:/, 'log_min_duration_statement = 0: no log_statement lines (log_statement = none)');
+	no_secret_in_log('log_min_duration_statement = 0', $off);
+
+	# The text names no envelope function, but the statement executes one
+	# (in a PL/pgSQL function, never inlined); logged after it ran.
+	$s = new_secret();
+	$off = log_offset();
+	($rc, $out, $err) = psql_verbose(qq{SELECT pg_typeof(wrap_enc('$s'))});
+	is($out, 'enc_bytea', 'log_min_duration_statement = 0: the wrapper in a statement that names no envelope object')
+	  or diag($err);
+	log_like(log_since($off), qr/LOG:  duration: [0-9.]+ ms  statement: SELECT pg_typeof\(wrap_enc\('\*\*\*'\)\);?$/m,
+		'log_min_duration_statement = 0: ... is logged masked too (it executed enc())');
+	no_secret_in_log('log_min_duration_statement = 0, enc() through a wrapper', $off);
+}
+
+# ---------------------------------------------------------------------------
+# Errors: the STATEMENT line, and messages carrying decrypted data
+# ---------------------------------------------------------------------------
+
+set_logging(log_statement => 'none', log_min_duration_statement => '-1');
+{
+	my $s = new_secret();
+	my $off = log_offset();
+	my ($rc, $out, $err) = psql_verbose(qq{SELECT enc('$s', 'nosuchkek')});
+	isnt($rc, 0, 'error: enc() with an unknown KEK fails');
+	like($err, qr/ERROR:\s+42704: KEK "nosuchkek" does not exist/, 'error: the client gets 42704') or diag($err);
+	my $log = log_since($off);
+	log_like($log, qr/ERROR:  KEK "nosuchkek" does not exist/, 'error: the error is logged');
+	log_like($log, qr/STATEMENT:  SELECT enc\('\*\*\*', '\*\*\*'\);?$/m, 'error: the STATEMENT line is masked');
+	no_secret_in_log('error in enc()', $off);
+}
+{
+	my $s = new_secret();
+	my $off = log_offset();
+	$node->safe_psql('postgres', qq{INSERT INTO t VALUES (3, enc('$s'))});
+	my ($rc, $out, $err) = psql_verbose(q{SELECT dec_text(v)::int FROM t WHERE id = 3});
+	isnt($rc, 0, 'error: dec_text(v)::int of a non-number fails');
+	like($err, qr/ERROR:\s+22P02: invalid input syntax for type integer/, 'error: the client gets 22P02') or diag($err);
+	my $log = log_since($off);
+	log_like($log, qr/ERROR:  invalid input syntax for type integer/, 'error: the error is logged');
+	log_like($log, qr/STATEMENT:  SELECT dec_text\(v\)::int FROM t WHERE id = $num;?$/m,
+		'error: its STATEMENT line is logged, masked');
+	no_secret_in_log('invalid input syntax on decrypted text', $off);
+
+	$off = log_offset();
+	($rc, $out, $err) = psql_verbose(q{INSERT INTO chk SELECT id, dec_text(v) FROM t WHERE id = 3});
+	isnt($rc, 0, 'error: a check constraint fails on a row built from dec_text()');
+	like($err, qr/ERROR:\s+23514: new row for relation "[^"]*" violates check constraint/,
+		'error: the client gets 23514') or diag($err);
+	$log = log_since($off);
+	log_like($log, qr/ERROR:  new row for relation "[^"]*" violates check constraint/,
+		'error: the check violation is logged');
+	no_secret_in_log('check constraint failure ("Failing row contains")', $off);
+}
+
+# ---------------------------------------------------------------------------
+# PREPARE / EXECUTE
+# ---------------------------------------------------------------------------
+
+# With log_statement = all the statement is logged before it runs; with
+# log_min_duration_statement = 0 (and log_statement = none) after, with its
+# duration.  Both add the DETAIL "prepare: ..." line for EXECUTE.
+for my $c ([ 'log_statement = all', 'all', '-1', qr/LOG:  statement: / ],
+	[ 'log_min_duration_statement = 0', 'none', '0', qr/LOG:  duration: [0-9.]+ ms  statement: / ])
+{
+	my ($what, $ls, $lmds, $prefix) = @$c;
+	set_logging(log_statement => $ls, log_min_duration_statement => $lmds);
+	my $s = new_secret();
+	my $canary = 'canary-plain-' . rand_hex(8);
+	my $off = log_offset();
+	my ($rc, $out, $err) = psql_verbose(
+		qq{PREPARE p AS INSERT INTO t VALUES (\$1, enc(\$2));
+EXECUTE p(4, '$s');
+PREPARE p3 AS SELECT count(*) FROM t WHERE dec_text(v) = \$1;
+EXECUTE p3('$s');
+PREPARE pc AS SELECT \$1::text;
+EXECUTE pc('$canary');
+});
+	is($rc, 0, "PREPARE/EXECUTE, $what: statements run") or diag($err);
+	is($out, "1\n$canary", "PREPARE/EXECUTE, $what: results");
+	my $log = log_since($off);
+	log_like($log, qr/${prefix}EXECUTE p\($num, '\*\*\*'\);?\n[^\n]*DETAIL:  prepare: PREPARE p AS INSERT INTO t VALUES \(\$1, enc\(\$2\)\);?$/m,
+		"PREPARE/EXECUTE, $what: EXECUTE p(...) logged masked, with its DETAIL prepare: line");
+	log_like($log, qr/${prefix}EXECUTE p3\('\*\*\*'\);?$/m,
+		"PREPARE/EXECUTE, $what: EXECUTE of a prepared dec_text() lookup logged masked");
+	log_like($log, qr/${prefix}EXECUTE pc\('\Q$canary\E'\);?$/m,
+		"PREPARE/EXECUTE, $what: EXECUTE of a statement without envelope logged verbatim");
+	no_secret_in_log("PREPARE/EXECUTE, $what", $off);
+}
+
+# ---------------------------------------------------------------------------
+# Extended protocol: bind parameters (pgbench)
+# ---------------------------------------------------------------------------
+
+# Runs pgbench with a one-line script; returns (exit code, stdout, stderr).
+sub pgbench
+{
+	my ($script, @args) = @_;
+	my $file = "$tmp/script_" . rand_hex(4) . '.sql';
+	PostgreSQL::Test::Utils::append_to_file($file, "$script\n");
+	my ($out, $err) = ('', '');
+	IPC::Run::run(
+		[ 'pgbench', '-n', '-h', $node->host, '-p', $node->port, '-f', $file, @args, 'postgres' ],
+		'<', '/dev/null', '>', \$out, '2>', \$err, IPC::Run::timeout($timeout));
+	return ($? >> 8, $out, $err);
+}
+
+# log_statement = all logs "execute <name>: ..." before the run, and
+# log_min_duration_statement = 0 "duration: ... ms  execute <name>: ..."
+# after it; both with the DETAIL "parameters: $1 = ...".
+for my $c (
+	[ 'extended', 100, 'all', '-1', qr/LOG:  execute [^:]*: / ],
+	[ 'prepared', 200, 'all', '-1', qr/LOG:  execute [^:]*: / ],
+	[ 'extended', 300, 'none', '0', qr/LOG:  duration: [0-9.]+ ms  execute [^:]*: / ])
+{
+	my ($mode, $id, $ls, $lmds, $prefix) = @$c;
+	my $what = "pgbench -M $mode, " . ($ls eq 'all' ? 'log_statement = all' : 'log_min_duration_statement = 0');
+	set_logging(log_statement => $ls, log_min_duration_statement => $lmds,
+		log_parameter_max_length => '-1', log_parameter_max_length_on_error => '0');
+	my $s = new_secret();
+	my $off = log_offset();
+	my ($rc, $out, $err) = pgbench('INSERT INTO t VALUES (:id, enc(:secret));',
+		'-M', $mode, '-t', '3', '-D', "secret=$s", '-D', "id=$id");
+	is($rc, 0, "$what: 3 transactions") or diag($err);
+	is($node->safe_psql('postgres', "SELECT count(*) FROM t WHERE id = $id"), '3', "$what: 3 rows inserted");
+	my $log = log_since($off);
+	log_like($log, qr/${prefix}INSERT INTO t VALUES \(\$1, enc\(\$2\)\);?\n[^\n]*DETAIL:  parameters: \$1 = '\*\*\*', \$2 = '\*\*\*'$/m,
+		"$what: the execute line is logged, its bind parameters masked");
+	no_secret_in_log($what, $off);
+}
+
+set_logging(log_statement => 'none', log_min_duration_statement => '-1',
+	log_parameter_max_length => '-1', log_parameter_max_length_on_error => '-1');
+{
+	my $s = new_secret();
+	my $off = log_offset();
+	my ($rc, $out, $err) = pgbench(q{INSERT INTO t VALUES (:id, enc(:secret, 'nosuchkek'));},
+		'-M', 'extended', '-t', '1', '-D', "secret=$s", '-D', 'id=400');
+	isnt($rc, 0, 'pgbench -M extended, failing statement: pgbench reports the failure');
+	like($err, qr/KEK "nosuchkek" does not exist/, '... KEK "nosuchkek" does not exist') or diag($err);
+	my $log = log_since($off);
+	log_like($log, qr/ERROR:  KEK "nosuchkek" does not exist/, 'failing bind: the error is logged');
+	log_like($log, qr/with parameters: \$1 = '\*\*\*', \$2 = '\*\*\*'$/m,
+		'failing bind: the parameters logged on error (log_parameter_max_length_on_error = -1) are masked');
+	log_like($log, qr/STATEMENT:  INSERT INTO t VALUES \(\$1, enc\(\$2, '\*\*\*'\)\);?$/m,
+		'failing bind: the STATEMENT line is masked');
+	no_secret_in_log('failing extended-protocol statement', $off);
+}
+
+# ---------------------------------------------------------------------------
+# A clear view: the statement text names no envelope function
+# ---------------------------------------------------------------------------
+
+set_logging(log_statement => 'all', log_min_duration_statement => '-1',
+	log_parameter_max_length => undef, log_parameter_max_length_on_error => undef);
+{
+	my $s = new_secret();
+	my $s2 = new_secret();
+	my $off = log_offset();
+	my ($rc, $out, $err) = psql_verbose(
+		qq{SELECT 1;
+INSERT INTO t_clear VALUES (5, '$s');
+SELECT id FROM t_clear WHERE v = '$s';
+UPDATE t_clear SET v = '$s2' WHERE id = 5;
+SELECT count(*) FROM t_clear WHERE v = '$s2';
+});
+	is($rc, 0, 'clear view: insert, select, update run') or diag($err);
+	is($out, "1\n5\n1", 'clear view: results');
+	is($node->safe_psql('postgres', 'SELECT envelope.kek_of(v) FROM t WHERE id = 5'), 'k',
+		'clear view: the row is stored encrypted');
+	my $log = log_since($off);
+	log_like($log, qr/LOG:  statement: SELECT 1;?$/m, 'clear view: the plain statement before is logged verbatim');
+	log_like($log, qr/LOG:  statement: INSERT INTO t_clear VALUES \($num, '\*\*\*'\);?$/m,
+		'clear view: INSERT INTO t_clear logged masked');
+	log_like($log, qr/LOG:  statement: SELECT id FROM t_clear WHERE v = '\*\*\*';?$/m,
+		'clear view: SELECT from t_clear logged masked');
+	log_like($log, qr/LOG:  statement: UPDATE t_clear SET v = '\*\*\*' WHERE id = $num;?$/m,
+		'clear view: UPDATE t_clear logged masked');
+	no_secret_in_log('clear view', $off);
+}
+
+# ---------------------------------------------------------------------------
+# psycopg2
+# ---------------------------------------------------------------------------
+
+set_logging(log_statement => 'all', log_min_duration_statement => '0');
+{
+	my $s = new_secret();
+	my $off = log_offset();
+	my $py = <<'PY';
+import sys
+import psycopg2
+host, port, user, secret = sys.argv[1:5]
+conn = psycopg2.connect(host=host, port=port, dbname="postgres", user=user)
+conn.autocommit = True
+cur = conn.cursor()
+cur.execute("INSERT INTO t VALUES (%s, enc(%s))", (9, secret))
+cur.execute("PREPARE q AS SELECT dec_text(v) FROM t WHERE dec_text(v) = $1")
+cur.execute("EXECUTE q(%s)", (secret,))
+rows = cur.fetchall()
+print(len(rows), rows[0][0] == secret)
+conn.close()
+PY
+	my ($out, $err) = ('', '');
+	IPC::Run::run([ '/usr/bin/python3', '-c', $py, $node->host, $node->port, $su, $s ],
+		'<', '/dev/null', '>', \$out, '2>', \$err, IPC::Run::timeout($timeout));
+	is($? >> 8, 0, 'psycopg2: INSERT, PREPARE, EXECUTE run') or diag($err);
+	is($out, "1 True\n", 'psycopg2: EXECUTE q finds the row by its plaintext');
+	my $log = log_since($off);
+	log_like($log, qr/LOG:  statement: INSERT INTO t VALUES \($num, enc\('\*\*\*'\)\);?$/m,
+		'psycopg2: INSERT logged masked');
+	log_like($log, qr/LOG:  statement: EXECUTE q\('\*\*\*'\);?$/m, 'psycopg2: EXECUTE q logged masked');
+	log_like($log, qr/DETAIL:  prepare: PREPARE q AS SELECT dec_text\(v\) FROM t WHERE dec_text\(v\) = \$1;?$/m,
+		'psycopg2: the DETAIL prepare: line is there');
+	no_secret_in_log('psycopg2', $off);
+}
+
+# ---------------------------------------------------------------------------
+
+no_secret_in_log('the whole log (' . scalar(@secrets) . ' secrets)', 0);
+my $n_masked = () = slurp_file($node->logfile) =~ /$masked/g;
+cmp_ok($n_masked, '>', 10, "the log has $n_masked masked constants");
+
+$node->stop;
+$kms->signal('TERM');
+eval { $kms->finish; };
+$kms_stopped = 1;
+is($kms->result(0), 0, 'test KMS stopped cleanly');
+
+note sprintf('total %.1f s', time - $t_start);
+done_testing();
