@@ -18,7 +18,7 @@ DATA         = $(wildcard $(srcdir)/sql/$(EXTENSION)--*.sql)
 PG_CPPFLAGS  = -I$(srcdir)/src -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers
 SHLIB_LINK   = -lcurl -lcrypto
 
-REGRESS      = setup format roundtrip tamper context rotate rotation_ops clear_view keks privileges errors
+REGRESS      = setup format roundtrip tamper context rotate rotation_ops clear_view keks privileges errors upgrade
 REGRESS_OPTS = --inputdir=$(srcdir) --load-extension=$(EXTENSION)
 
 PG_CONFIG   ?= pg_config

@@ -84,14 +84,17 @@ def median_time(cur, sql, setup=None):
     return statistics.median(times)
 
 
-def pgbench_tps(script, clients):
+def pgbench_tps(script, clients, audit=None):
     """TPS of a pgbench run of a custom script."""
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write(script)
         path = f.name
     os.chmod(path, 0o644)
+    env = dict(os.environ)
+    if audit:
+        env["PGOPTIONS"] = f"-c envelope.audit={audit}"
     out = subprocess.run([PGBENCH, "-n", "-M", "prepared", "-c", str(clients), "-j", str(clients),
-                          "-T", str(SECONDS), "-f", path], capture_output=True, text=True)
+                          "-T", str(SECONDS), "-f", path], capture_output=True, text=True, env=env)
     os.unlink(path)
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
@@ -167,12 +170,15 @@ def main():
     cur.execute("VACUUM ANALYZE bench_pk")
     plain = f"\\set id random(1, {ROWS})\nSELECT plain FROM bench_pk WHERE id = :id;\n"
     encd = f"\\set id random(1, {ROWS})\nSELECT dec_bytea(v) FROM bench_pk WHERE id = :id;\n"
-    print(f"   {'clients':>7} {'plain tps':>10} {'dec() tps':>10} {'ratio':>6}")
+    print("   (dec() with the default envelope.audit = statement: one audit record per transaction;")
+    print("    and with audit = off, to show what the records cost)")
+    print(f"   {'clients':>7} {'plain tps':>10} {'dec() tps':>10} {'ratio':>6} {'audit off':>10} {'ratio':>6}")
     for clients in (1, 4, 8):
         tp = pgbench_tps(plain, clients)
         with Counted(cur) as c:
             te = pgbench_tps(encd, clients)
-        print(f"   {clients:7d} {tp:10.0f} {te:10.0f} {te / tp:6.2f}   {c.calls()}")
+        toff = pgbench_tps(encd, clients, audit="off")
+        print(f"   {clients:7d} {tp:10.0f} {te:10.0f} {te / tp:6.2f} {toff:10.0f} {toff / tp:6.2f}   {c.calls()}")
 
     cur.execute("DROP TABLE bench_plain, bench_enc, bench_pgc, bench_pk")
 
