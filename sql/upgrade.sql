@@ -4,7 +4,9 @@ CREATE TEMP TABLE fresh AS
 	SELECT pg_describe_object(classid, objid, objsubid) AS object
 	FROM pg_depend WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
 	  AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'envelope');
+SET client_min_messages = warning;
 DROP EXTENSION envelope CASCADE;
+RESET client_min_messages;
 CREATE EXTENSION envelope VERSION '0.1.0';
 SELECT to_regproc('envelope.grant') IS NULL AS no_grant_in_010;
 ALTER EXTENSION envelope UPDATE;
