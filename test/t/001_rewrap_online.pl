@@ -18,9 +18,6 @@
 use strict;
 use warnings;
 
-use File::Basename qw(dirname);
-use File::Copy qw(copy);
-use Cwd qw(abs_path);
 use IPC::Run;
 use Time::HiRes qw(usleep time);
 
@@ -28,14 +25,12 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
+use EnvelopeTAP qw(start_kms kms_create_key envelope_conf psql_verbose stop_kms);
+
 my $nrows = 200_000;
 my $batch_size = 5000;
 my $pause = '50ms';
 my $t_start = time;
-
-my $root = $ENV{ENVELOPE_ROOT} // abs_path(dirname(__FILE__) . '/../..');
-my $kms_script = "$root/test/kms/vault_transit.py";
--f $kms_script or BAIL_OUT("test KMS not found at $kms_script (set ENVELOPE_ROOT)");
 
 my $tmp = PostgreSQL::Test::Utils::tempdir('rewrap');
 # Logs and the background sessions' output go next to the server log, which
@@ -47,69 +42,8 @@ my $timeout = $PostgreSQL::Test::Utils::timeout_default;
 # The test KMS
 # ---------------------------------------------------------------------------
 
-my $kms_dir = "$tmp/kms";
-my $kms_port = PostgreSQL::Test::Cluster::get_free_port();
-my $kms_admin_port = PostgreSQL::Test::Cluster::get_free_port();
-my $kms_log = "$logdir/001_rewrap_online_kms.log";
-my $kms_out = '';
-my $kms = IPC::Run::start(
-	[
-		'/usr/bin/python3', $kms_script,
-		'--dir', $kms_dir,
-		'--port', $kms_port,
-		'--admin-port', $kms_admin_port
-	],
-	'<', '/dev/null', '>', \$kms_out, '2>', $kms_log);
-{
-	my $deadline = time + 30;
-	while ($kms_out !~ /^READY /m && time < $deadline && $kms->pumpable)
-	{
-		$kms->pump_nb;
-		usleep(50_000);
-	}
-	if ($kms_out !~ /^READY https:\/\/127\.0\.0\.1:$kms_port/m)
-	{
-		diag("KMS output: $kms_out");
-		diag("KMS log:\n" . slurp_file($kms_log)) if -f $kms_log;
-		BAIL_OUT('the test KMS did not start');
-	}
-}
-# Stop the KMS however the test ends.
-my $kms_stopped = 0;
-END
-{
-	if ($kms && !$kms_stopped)
-	{
-		eval { $kms->signal('TERM'); $kms->finish; 1 } or eval { $kms->kill_kill; };
-	}
-}
-note "test KMS on https://127.0.0.1:$kms_port (admin $kms_admin_port), log $kms_log";
-
-sub kms_create_key
-{
-	my ($name) = @_;
-	my $token = slurp_file("$kms_dir/token");
-	chomp $token;
-	my ($out, $err) = ('', '');
-	my $ok = IPC::Run::run(
-		[
-			'curl', '-sS', '--fail',
-			'--cacert', "$kms_dir/ca.pem",
-			'-H', "X-Vault-Token: $token",
-			'-X', 'POST',
-			'-d', '{"type":"aes256-gcm96"}',
-			"https://127.0.0.1:$kms_port/v1/transit/keys/$name"
-		],
-		'>', \$out, '2>', \$err);
-	ok($ok, "KMS key $name created") or diag("curl: $out $err");
-	return;
-}
-
-kms_create_key('k');
-
-# The server's copy of the token, mode 0600.
-copy("$kms_dir/token", "$kms_dir/token-for-pg") or die "copy token: $!";
-chmod(0600, "$kms_dir/token-for-pg") or die "chmod token: $!";
+my $kms = start_kms($tmp, '001_rewrap_online');
+kms_create_key($kms, 'k');
 
 # ---------------------------------------------------------------------------
 # The node
@@ -118,12 +52,7 @@ chmod(0600, "$kms_dir/token-for-pg") or die "chmod token: $!";
 my $node = PostgreSQL::Test::Cluster->new('main');
 $node->init;
 $node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'envelope'
-envelope.vault_addr = 'https://127.0.0.1:$kms_port'
-envelope.vault_token_file = '$kms_dir/token-for-pg'
-envelope.vault_ca_file = '$kms_dir/ca.pem'
-envelope.default_kek = 'k'
+	'postgresql.conf', envelope_conf($kms) . qq{envelope.default_kek = 'k'
 # Cluster.pm turns this off; the test needs the server back after the kill.
 restart_after_crash = on
 log_statement = none
@@ -134,21 +63,6 @@ $node->start;
 $node->safe_psql('postgres', 'CREATE EXTENSION envelope');
 is($node->safe_psql('postgres', q{SELECT envelope.create_kek('k', 'vault', 'k') > 0}),
 	't', 'KEK k registered');
-
-# Runs SQL; returns (exit code, stdout, stderr).  Errors come back with their
-# SQLSTATE (VERBOSITY verbose).
-sub psql_verbose
-{
-	my ($sql) = @_;
-	my ($out, $err) = ('', '');
-	my $rc = $node->psql(
-		'postgres', $sql,
-		stdout => \$out,
-		stderr => \$err,
-		timeout => $timeout,
-		extra_params => [ '-v', 'VERBOSITY=verbose' ]);
-	return ($rc, $out, $err);
-}
 
 # ---------------------------------------------------------------------------
 # Data: 200,000 values on version 1, a plaintext shadow, one value kept aside
@@ -189,7 +103,7 @@ is($node->safe_psql('postgres', q{SELECT envelope.kek_version_of(enc('probe'))})
 	'2', 'new values use version 2');
 
 {
-	my ($rc, $out, $err) = psql_verbose(q{SELECT envelope.retire_kek_version('k', 1)});
+	my ($rc, $out, $err) = psql_verbose($node, q{SELECT envelope.retire_kek_version('k', 1)});
 	isnt($rc, 0, 'retire_kek_version(k, 1) fails while version 1 is in use');
 	like($err, qr/ERROR:\s+55006: cannot retire version 1/,
 		'... with SQLSTATE 55006 and "cannot retire version 1"');
@@ -399,7 +313,7 @@ my $upd2 = start_psql('updater2', updater_sql(2, 120));
 }
 my $upd2_before = count_updates(2);
 my $run2_t0 = time;
-my ($rc2, $out2, $err2) = psql_verbose(
+my ($rc2, $out2, $err2) = psql_verbose($node,
 	"CALL envelope.rewrap_column('t', 'v', $batch_size)");
 note sprintf('run 2 took %.1f s', time - $run2_t0);
 my $upd2_during = count_updates(2) - $upd2_before;
@@ -431,7 +345,7 @@ my $left = $node->safe_psql('postgres',
 if ($left > 0)
 {
 	note "$left values still on version 1 after run 2; running again";
-	my ($rc, $out, $err) = psql_verbose("CALL envelope.rewrap_column('t', 'v', $batch_size)");
+	my ($rc, $out, $err) = psql_verbose($node, "CALL envelope.rewrap_column('t', 'v', $batch_size)");
 	is($rc, 0, 'run 3 completes') or diag($err);
 	$last_run_id = $node->safe_psql('postgres', 'SELECT max(id) FROM envelope.rewrap_run');
 	$runs_after_kill++;
@@ -468,7 +382,7 @@ is( $node->safe_psql('postgres',
 # ---------------------------------------------------------------------------
 
 {
-	my ($rc, $out, $err) = psql_verbose(q{SELECT envelope.retire_kek_version('k', 1)});
+	my ($rc, $out, $err) = psql_verbose($node, q{SELECT envelope.retire_kek_version('k', 1)});
 	is($rc, 0, 'retire_kek_version(k, 1) succeeds once nothing uses version 1') or diag($err);
 	is($out, '2', '... and returns the new minimum version 2');
 }
@@ -481,7 +395,7 @@ $node->safe_psql('postgres', 'SELECT envelope.cache_flush()');
 is($node->safe_psql('postgres', q{SELECT envelope.kek_version_of(v::enc_bytea) FROM old_dump}),
 	'1', 'the value from the old dump is on version 1');
 {
-	my ($rc, $out, $err) = psql_verbose(q{SELECT dec_text(v::enc_bytea) FROM old_dump});
+	my ($rc, $out, $err) = psql_verbose($node, q{SELECT dec_text(v::enc_bytea) FROM old_dump});
 	isnt($rc, 0, 'decrypting the old-dump value fails after retirement');
 	like($err, qr/ERROR:\s+55000: .*version 1 of KMS key "k" is retired/,
 		'... with SQLSTATE 55000: version 1 of KMS key "k" is retired');
@@ -495,10 +409,7 @@ is( $node->safe_psql('postgres',
 # ---------------------------------------------------------------------------
 
 $node->stop;
-$kms->signal('TERM');
-eval { $kms->finish; };
-$kms_stopped = 1;
-is($kms->result(0), 0, 'test KMS stopped cleanly');
+stop_kms($kms);
 
 note sprintf('total %.1f s', time - $t_start);
 done_testing();

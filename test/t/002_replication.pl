@@ -27,121 +27,33 @@
 use strict;
 use warnings;
 
-use File::Basename qw(dirname);
-use File::Copy qw(copy);
-use Cwd qw(abs_path);
-use IPC::Run;
-use Time::HiRes qw(usleep time);
+use Time::HiRes qw(time);
 
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
+use EnvelopeTAP qw(start_kms kms_create_key envelope_conf psql_verbose stop_kms);
+
 my $nrows = 1000;
 my $t_start = time;
 
-my $root = $ENV{ENVELOPE_ROOT} // abs_path(dirname(__FILE__) . '/../..');
-my $kms_script = "$root/test/kms/vault_transit.py";
--f $kms_script or BAIL_OUT("test KMS not found at $kms_script (set ENVELOPE_ROOT)");
-
 my $tmp = PostgreSQL::Test::Utils::tempdir('replication');
-my $logdir = $PostgreSQL::Test::Utils::log_path;
-my $timeout = $PostgreSQL::Test::Utils::timeout_default;
 
 # ---------------------------------------------------------------------------
 # The test KMS
 # ---------------------------------------------------------------------------
 
-my $kms_dir = "$tmp/kms";
-my $kms_port = PostgreSQL::Test::Cluster::get_free_port();
-my $kms_admin_port = PostgreSQL::Test::Cluster::get_free_port();
-my $kms_log = "$logdir/002_replication_kms.log";
-my $kms_out = '';
-my $kms = IPC::Run::start(
-	[
-		'/usr/bin/python3', $kms_script,
-		'--dir', $kms_dir,
-		'--port', $kms_port,
-		'--admin-port', $kms_admin_port
-	],
-	'<', '/dev/null', '>', \$kms_out, '2>', $kms_log);
-{
-	my $deadline = time + 30;
-	while ($kms_out !~ /^READY /m && time < $deadline && $kms->pumpable)
-	{
-		$kms->pump_nb;
-		usleep(50_000);
-	}
-	if ($kms_out !~ /^READY https:\/\/127\.0\.0\.1:$kms_port/m)
-	{
-		diag("KMS output: $kms_out");
-		diag("KMS log:\n" . slurp_file($kms_log)) if -f $kms_log;
-		BAIL_OUT('the test KMS did not start');
-	}
-}
-my $kms_stopped = 0;
-END
-{
-	if ($kms && !$kms_stopped)
-	{
-		eval { $kms->signal('TERM'); $kms->finish; 1 } or eval { $kms->kill_kill; };
-	}
-}
-note "test KMS on https://127.0.0.1:$kms_port (admin $kms_admin_port), log $kms_log";
+my $kms = start_kms($tmp, '002_replication');
+kms_create_key($kms, 'k');
 
-sub kms_create_key
-{
-	my ($name) = @_;
-	my $token = slurp_file("$kms_dir/token");
-	chomp $token;
-	my ($out, $err) = ('', '');
-	my $ok = IPC::Run::run(
-		[
-			'curl', '-sS', '--fail',
-			'--cacert', "$kms_dir/ca.pem",
-			'-H', "X-Vault-Token: $token",
-			'-X', 'POST',
-			'-d', '{"type":"aes256-gcm96"}',
-			"https://127.0.0.1:$kms_port/v1/transit/keys/$name"
-		],
-		'>', \$out, '2>', \$err);
-	ok($ok, "KMS key $name created") or diag("curl: $out $err");
-	return;
-}
-
-kms_create_key('k');
-
-# The servers' copy of the token, mode 0600.  All three nodes run on this
-# host as the same user, so one absolute path serves them all (the standby
-# inherits it with the primary's postgresql.conf in the base backup).
-copy("$kms_dir/token", "$kms_dir/token-for-pg") or die "copy token: $!";
-chmod(0600, "$kms_dir/token-for-pg") or die "chmod token: $!";
-
-my $envelope_conf = qq{
-shared_preload_libraries = 'envelope'
-envelope.vault_addr = 'https://127.0.0.1:$kms_port'
-envelope.vault_token_file = '$kms_dir/token-for-pg'
-envelope.vault_ca_file = '$kms_dir/ca.pem'
-};
+# The same lines serve the primary, the subscriber and (through the base
+# backup) the standby.
+my $envelope_conf = envelope_conf($kms);
 
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-# Runs SQL on a node; returns (exit code, stdout, stderr), errors with their
-# SQLSTATE (VERBOSITY verbose).
-sub psql_verbose
-{
-	my ($node, $sql) = @_;
-	my ($out, $err) = ('', '');
-	my $rc = $node->psql(
-		'postgres', $sql,
-		stdout => \$out,
-		stderr => \$err,
-		timeout => $timeout,
-		extra_params => [ '-v', 'VERBOSITY=verbose' ]);
-	return ($rc, $out, $err);
-}
 
 # envelope.cache_stats() of a node as a hash.
 sub cache_stats
@@ -252,7 +164,7 @@ $primary->wait_for_catchup($standby);
 is($standby->safe_psql('postgres', 'SELECT pg_is_in_recovery()'), 't',
 	'standby: in recovery (hot standby)');
 is($standby->safe_psql('postgres', 'SHOW envelope.vault_token_file'),
-	"$kms_dir/token-for-pg", 'standby: envelope settings came with the base backup');
+	"$kms->{dir}/token-for-pg", 'standby: envelope settings came with the base backup');
 {
 	my ($rc, $out, $err) = psql_verbose($standby, 'CREATE TABLE standby_write_probe (x int)');
 	isnt($rc, 0, 'standby: a write is refused');
@@ -455,10 +367,7 @@ is($standby->safe_psql('postgres', q{SELECT latest_version FROM envelope.keks WH
 $sub->stop;
 $standby->stop;
 $primary->stop;
-$kms->signal('TERM');
-eval { $kms->finish; };
-$kms_stopped = 1;
-is($kms->result(0), 0, 'test KMS stopped cleanly');
+stop_kms($kms);
 
 note sprintf('total %.1f s', time - $t_start);
 done_testing();

@@ -39,9 +39,6 @@
 use strict;
 use warnings;
 
-use File::Basename qw(dirname);
-use File::Copy qw(copy);
-use Cwd qw(abs_path);
 use IPC::Run;
 use JSON::PP;
 use List::Util qw(all first);
@@ -51,17 +48,15 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
+use EnvelopeTAP qw(envelope_root start_kms kms_create_key envelope_conf stop_kms);
+
 my $t_start = time;
 my $nbig = 200_000;
 
-my $root = $ENV{ENVELOPE_ROOT} // abs_path(dirname(__FILE__) . '/../..');
-my $kms_script = "$root/test/kms/vault_transit.py";
-my $verifier = "$root/test/audit_verify.py";
--f $kms_script or BAIL_OUT("test KMS not found at $kms_script (set ENVELOPE_ROOT)");
+my $verifier = envelope_root() . '/test/audit_verify.py';
 -f $verifier or BAIL_OUT("audit verifier not found at $verifier");
 
 my $tmp = PostgreSQL::Test::Utils::tempdir('privaudit');
-my $logdir = $PostgreSQL::Test::Utils::log_path;
 my $timeout = $PostgreSQL::Test::Utils::timeout_default;
 my $json = JSON::PP->new->utf8;
 
@@ -69,67 +64,8 @@ my $json = JSON::PP->new->utf8;
 # The test KMS
 # ---------------------------------------------------------------------------
 
-my $kms_dir = "$tmp/kms";
-my $kms_port = PostgreSQL::Test::Cluster::get_free_port();
-my $kms_admin_port = PostgreSQL::Test::Cluster::get_free_port();
-my $kms_log = "$logdir/003_privileges_audit_kms.log";
-my $kms_out = '';
-my $kms = IPC::Run::start(
-	[
-		'/usr/bin/python3', $kms_script,
-		'--dir', $kms_dir,
-		'--port', $kms_port,
-		'--admin-port', $kms_admin_port
-	],
-	'<', '/dev/null', '>', \$kms_out, '2>', $kms_log);
-{
-	my $deadline = time + 30;
-	while ($kms_out !~ /^READY /m && time < $deadline && $kms->pumpable)
-	{
-		$kms->pump_nb;
-		usleep(50_000);
-	}
-	if ($kms_out !~ /^READY https:\/\/127\.0\.0\.1:$kms_port/m)
-	{
-		diag("KMS output: $kms_out");
-		diag("KMS log:\n" . slurp_file($kms_log)) if -f $kms_log;
-		BAIL_OUT('the test KMS did not start');
-	}
-}
-my $kms_stopped = 0;
-END
-{
-	if ($kms && !$kms_stopped)
-	{
-		eval { $kms->signal('TERM'); $kms->finish; 1 } or eval { $kms->kill_kill; };
-	}
-}
-note "test KMS on https://127.0.0.1:$kms_port (admin $kms_admin_port), log $kms_log";
-
-sub kms_create_key
-{
-	my ($name) = @_;
-	my $token = slurp_file("$kms_dir/token");
-	chomp $token;
-	my ($out, $err) = ('', '');
-	my $ok = IPC::Run::run(
-		[
-			'curl', '-sS', '--fail',
-			'--cacert', "$kms_dir/ca.pem",
-			'-H', "X-Vault-Token: $token",
-			'-X', 'POST',
-			'-d', '{"type":"aes256-gcm96"}',
-			"https://127.0.0.1:$kms_port/v1/transit/keys/$name"
-		],
-		'>', \$out, '2>', \$err);
-	ok($ok, "KMS key $name created") or diag("curl: $out $err");
-	return;
-}
-
-kms_create_key($_) for qw(k k2 k3);
-
-copy("$kms_dir/token", "$kms_dir/token-for-pg") or die "copy token: $!";
-chmod(0600, "$kms_dir/token-for-pg") or die "chmod token: $!";
+my $kms = start_kms($tmp, '003_privileges_audit');
+kms_create_key($kms, $_) for qw(k k2 k3);
 
 # The audit HMAC key: 32 random bytes, mode 0600.
 my $hmac_key = "$tmp/audit-hmac.key";
@@ -151,12 +87,7 @@ my $hmac_key = "$tmp/audit-hmac.key";
 my $node = PostgreSQL::Test::Cluster->new('main');
 $node->init;
 $node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'envelope'
-envelope.vault_addr = 'https://127.0.0.1:$kms_port'
-envelope.vault_token_file = '$kms_dir/token-for-pg'
-envelope.vault_ca_file = '$kms_dir/ca.pem'
-envelope.default_kek = 'k'
+	'postgresql.conf', envelope_conf($kms) . qq{envelope.default_kek = 'k'
 envelope.audit_hmac_key_file = '$hmac_key'
 log_destination = 'stderr'
 logging_collector = off
@@ -997,10 +928,7 @@ log_rotation_size = 0
 # ---------------------------------------------------------------------------
 
 $node->stop;
-$kms->signal('TERM');
-eval { $kms->finish; };
-$kms_stopped = 1;
-is($kms->result(0), 0, 'test KMS stopped cleanly');
+stop_kms($kms);
 
 note sprintf('total %.1f s', time - $t_start);
 done_testing();

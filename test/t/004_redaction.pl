@@ -36,91 +36,26 @@
 use strict;
 use warnings;
 
-use File::Basename qw(dirname);
-use File::Copy qw(copy);
-use Cwd qw(abs_path);
 use IPC::Run;
-use Time::HiRes qw(usleep time);
+use Time::HiRes qw(time);
 
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
+use EnvelopeTAP qw(start_kms kms_create_key envelope_conf psql_verbose stop_kms);
+
 my $t_start = time;
 
-my $root = $ENV{ENVELOPE_ROOT} // abs_path(dirname(__FILE__) . '/../..');
-my $kms_script = "$root/test/kms/vault_transit.py";
--f $kms_script or BAIL_OUT("test KMS not found at $kms_script (set ENVELOPE_ROOT)");
-
 my $tmp = PostgreSQL::Test::Utils::tempdir('redaction');
-my $logdir = $PostgreSQL::Test::Utils::log_path;
 my $timeout = $PostgreSQL::Test::Utils::timeout_default;
 
 # ---------------------------------------------------------------------------
 # The test KMS
 # ---------------------------------------------------------------------------
 
-my $kms_dir = "$tmp/kms";
-my $kms_port = PostgreSQL::Test::Cluster::get_free_port();
-my $kms_admin_port = PostgreSQL::Test::Cluster::get_free_port();
-my $kms_log = "$logdir/004_redaction_kms.log";
-my $kms_out = '';
-my $kms = IPC::Run::start(
-	[
-		'/usr/bin/python3', $kms_script,
-		'--dir', $kms_dir,
-		'--port', $kms_port,
-		'--admin-port', $kms_admin_port
-	],
-	'<', '/dev/null', '>', \$kms_out, '2>', $kms_log);
-{
-	my $deadline = time + 30;
-	while ($kms_out !~ /^READY /m && time < $deadline && $kms->pumpable)
-	{
-		$kms->pump_nb;
-		usleep(50_000);
-	}
-	if ($kms_out !~ /^READY https:\/\/127\.0\.0\.1:$kms_port/m)
-	{
-		diag("KMS output: $kms_out");
-		diag("KMS log:\n" . slurp_file($kms_log)) if -f $kms_log;
-		BAIL_OUT('the test KMS did not start');
-	}
-}
-my $kms_stopped = 0;
-END
-{
-	if ($kms && !$kms_stopped)
-	{
-		eval { $kms->signal('TERM'); $kms->finish; 1 } or eval { $kms->kill_kill; };
-	}
-}
-note "test KMS on https://127.0.0.1:$kms_port (admin $kms_admin_port), log $kms_log";
-
-sub kms_create_key
-{
-	my ($name) = @_;
-	my $token = slurp_file("$kms_dir/token");
-	chomp $token;
-	my ($out, $err) = ('', '');
-	my $ok = IPC::Run::run(
-		[
-			'curl', '-sS', '--fail',
-			'--cacert', "$kms_dir/ca.pem",
-			'-H', "X-Vault-Token: $token",
-			'-X', 'POST',
-			'-d', '{"type":"aes256-gcm96"}',
-			"https://127.0.0.1:$kms_port/v1/transit/keys/$name"
-		],
-		'>', \$out, '2>', \$err);
-	ok($ok, "KMS key $name created") or diag("curl: $out $err");
-	return;
-}
-
-kms_create_key('k');
-
-copy("$kms_dir/token", "$kms_dir/token-for-pg") or die "copy token: $!";
-chmod(0600, "$kms_dir/token-for-pg") or die "chmod token: $!";
+my $kms = start_kms($tmp, '004_redaction');
+kms_create_key($kms, 'k');
 
 # ---------------------------------------------------------------------------
 # The node
@@ -129,12 +64,7 @@ chmod(0600, "$kms_dir/token-for-pg") or die "chmod token: $!";
 my $node = PostgreSQL::Test::Cluster->new('main');
 $node->init;
 $node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'envelope'
-envelope.vault_addr = 'https://127.0.0.1:$kms_port'
-envelope.vault_token_file = '$kms_dir/token-for-pg'
-envelope.vault_ca_file = '$kms_dir/ca.pem'
-envelope.default_kek = 'k'
+	'postgresql.conf', envelope_conf($kms) . qq{envelope.default_kek = 'k'
 log_destination = 'stderr'
 log_statement = all
 log_min_error_statement = error
@@ -173,22 +103,6 @@ sub new_secret
 	my $s = 'SECRET-' . rand_hex(8);
 	push @secrets, $s;
 	return $s;
-}
-
-# Runs SQL as the superuser in one new session (statements sent one by one);
-# returns (exit code, stdout, stderr), errors with their SQLSTATE.
-sub psql_verbose
-{
-	my ($sql, %opt) = @_;
-	my ($out, $err) = ('', '');
-	my $rc = $node->psql(
-		'postgres', $sql,
-		stdout => \$out,
-		stderr => \$err,
-		timeout => $timeout,
-		on_error_stop => $opt{on_error_stop} // 1,
-		extra_params => [ '-v', 'VERBOSITY=verbose' ]);
-	return ($rc, $out, $err);
 }
 
 # Sets server-wide logging settings (undef: RESET), reloads, and waits until
@@ -258,7 +172,7 @@ set_logging(log_statement => 'all', log_min_duration_statement => '-1');
 {
 	my $canary = 'canary-plain-' . rand_hex(8);
 	my $off = log_offset();
-	my ($rc, $out, $err) = psql_verbose("SELECT '$canary'");
+	my ($rc, $out, $err) = psql_verbose($node, "SELECT '$canary'");
 	is($out, $canary, 'canary: the plain statement runs');
 	log_like(log_since($off), qr/LOG:  statement: SELECT '\Q$canary\E';?$/m,
 		'canary: a statement without envelope is logged verbatim (log_statement = all)');
@@ -271,7 +185,7 @@ set_logging(log_statement => 'all', log_min_duration_statement => '-1');
 {
 	my $s = new_secret();
 	my $off = log_offset();
-	my ($rc, $out, $err) = psql_verbose(qq{INSERT INTO t VALUES (1, enc('$s'));\nSELECT id FROM t WHERE dec_text(v) = '$s';});
+	my ($rc, $out, $err) = psql_verbose($node, qq{INSERT INTO t VALUES (1, enc('$s'));\nSELECT id FROM t WHERE dec_text(v) = '$s';});
 	is($rc, 0, 'log_statement = all: INSERT with enc() and SELECT with dec_text() run') or diag($err);
 	is($out, '1', 'log_statement = all: the row is found by its plaintext');
 	my $log = log_since($off);
@@ -291,7 +205,7 @@ set_logging(log_statement => 'none', log_min_duration_statement => '0');
 	my $s = new_secret();
 	my $canary = 'canary-plain-' . rand_hex(8);
 	my $off = log_offset();
-	my ($rc, $out, $err) = psql_verbose(
+	my ($rc, $out, $err) = psql_verbose($node,
 		qq{INSERT INTO t VALUES (2, enc('$s'));\nSELECT count(*) FROM t WHERE dec_text(v) = '$s';\nSELECT '$canary';});
 	is($rc, 0, 'log_min_duration_statement = 0: statements run') or diag($err);
 	is($out, "1\n$canary", 'log_min_duration_statement = 0: results');
@@ -309,7 +223,7 @@ set_logging(log_statement => 'none', log_min_duration_statement => '0');
 	# (in a PL/pgSQL function, never inlined); logged after it ran.
 	$s = new_secret();
 	$off = log_offset();
-	($rc, $out, $err) = psql_verbose(qq{SELECT pg_typeof(wrap_enc('$s'))});
+	($rc, $out, $err) = psql_verbose($node, qq{SELECT pg_typeof(wrap_enc('$s'))});
 	is($out, 'enc_bytea', 'log_min_duration_statement = 0: the wrapper in a statement that names no envelope object')
 	  or diag($err);
 	log_like(log_since($off), qr/LOG:  duration: [0-9.]+ ms  statement: SELECT pg_typeof\(wrap_enc\('\*\*\*'\)\);?$/m,
@@ -325,7 +239,7 @@ set_logging(log_statement => 'none', log_min_duration_statement => '-1');
 {
 	my $s = new_secret();
 	my $off = log_offset();
-	my ($rc, $out, $err) = psql_verbose(qq{SELECT enc('$s', 'nosuchkek')});
+	my ($rc, $out, $err) = psql_verbose($node, qq{SELECT enc('$s', 'nosuchkek')});
 	isnt($rc, 0, 'error: enc() with an unknown KEK fails');
 	like($err, qr/ERROR:\s+42704: KEK "nosuchkek" does not exist/, 'error: the client gets 42704') or diag($err);
 	my $log = log_since($off);
@@ -337,7 +251,7 @@ set_logging(log_statement => 'none', log_min_duration_statement => '-1');
 	my $s = new_secret();
 	my $off = log_offset();
 	$node->safe_psql('postgres', qq{INSERT INTO t VALUES (3, enc('$s'))});
-	my ($rc, $out, $err) = psql_verbose(q{SELECT dec_text(v)::int FROM t WHERE id = 3});
+	my ($rc, $out, $err) = psql_verbose($node, q{SELECT dec_text(v)::int FROM t WHERE id = 3});
 	isnt($rc, 0, 'error: dec_text(v)::int of a non-number fails');
 	like($err, qr/ERROR:\s+22P02: invalid input syntax for type integer/, 'error: the client gets 22P02') or diag($err);
 	my $log = log_since($off);
@@ -347,7 +261,7 @@ set_logging(log_statement => 'none', log_min_duration_statement => '-1');
 	no_secret_in_log('invalid input syntax on decrypted text', $off);
 
 	$off = log_offset();
-	($rc, $out, $err) = psql_verbose(q{INSERT INTO chk SELECT id, dec_text(v) FROM t WHERE id = 3});
+	($rc, $out, $err) = psql_verbose($node, q{INSERT INTO chk SELECT id, dec_text(v) FROM t WHERE id = 3});
 	isnt($rc, 0, 'error: a check constraint fails on a row built from dec_text()');
 	like($err, qr/ERROR:\s+23514: new row for relation "[^"]*" violates check constraint/,
 		'error: the client gets 23514') or diag($err);
@@ -372,7 +286,7 @@ for my $c ([ 'log_statement = all', 'all', '-1', qr/LOG:  statement: / ],
 	my $s = new_secret();
 	my $canary = 'canary-plain-' . rand_hex(8);
 	my $off = log_offset();
-	my ($rc, $out, $err) = psql_verbose(
+	my ($rc, $out, $err) = psql_verbose($node,
 		qq{PREPARE p AS INSERT INTO t VALUES (\$1, enc(\$2));
 EXECUTE p(4, '$s');
 PREPARE p3 AS SELECT count(*) FROM t WHERE dec_text(v) = \$1;
@@ -461,7 +375,7 @@ set_logging(log_statement => 'all', log_min_duration_statement => '-1',
 	my $s = new_secret();
 	my $s2 = new_secret();
 	my $off = log_offset();
-	my ($rc, $out, $err) = psql_verbose(
+	my ($rc, $out, $err) = psql_verbose($node,
 		qq{SELECT 1;
 INSERT INTO t_clear VALUES (5, '$s');
 SELECT id FROM t_clear WHERE v = '$s';
@@ -526,10 +440,7 @@ my $n_masked = () = slurp_file($node->logfile) =~ /$masked/g;
 cmp_ok($n_masked, '>', 10, "the log has $n_masked masked constants");
 
 $node->stop;
-$kms->signal('TERM');
-eval { $kms->finish; };
-$kms_stopped = 1;
-is($kms->result(0), 0, 'test KMS stopped cleanly');
+stop_kms($kms);
 
 note sprintf('total %.1f s', time - $t_start);
 done_testing();
