@@ -56,8 +56,15 @@ RESET ROLE;
 SET ROLE regress_priv_maint;
 SELECT envelope.kek_version_of(rewrap(v)) = envelope.kek_version_of(v) AS same_version FROM priv_t WHERE id = 1;
 SELECT dec_text(v) FROM priv_t WHERE id = 1;
--- moving to another KEK needs rewrap on both
+-- moving to another KEK needs rewrap on both, and decrypt on the source
 SELECT rewrap(v, 'regress_b') FROM priv_t WHERE id = 1;
+RESET ROLE;
+SELECT envelope.grant('regress_a', 'regress_priv_maint', 'decrypt');
+SET ROLE regress_priv_maint;
+SELECT rewrap(v, 'regress_b') FROM priv_t WHERE id = 1;
+RESET ROLE;
+SELECT envelope.revoke('regress_a', 'regress_priv_maint', 'decrypt');
+SET ROLE regress_priv_maint;
 RESET ROLE;
 
 -- through role membership, honouring NOINHERIT

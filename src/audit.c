@@ -131,7 +131,10 @@ typedef struct AuditShared
 } AuditShared;
 
 static AuditShared *audit_shared = NULL;
+static bool audit_emitting = false;	/* true while our own record is reported */
 static LWLock *audit_lock = NULL;
+
+static void audit_exit_cb(int code, Datum arg);
 
 /* This backend's counts for the current top-level statement. */
 static AuditAgg aggs[AUDIT_MAX_AGGS];
@@ -374,11 +377,27 @@ emit_locked(const char *fields)
 	else
 		appendStringInfoChar(&rec, '}');
 
-	ereport(LOG_SERVER_ONLY,
-			(errmsg_internal(AUDIT_PREFIX "%s", rec.data),
-			 errhidestmt(true),
-			 errhidecontext(true)));
+	audit_emitting = true;
+	PG_TRY();
+	{
+		ereport(LOG_SERVER_ONLY,
+				(errmsg_internal(AUDIT_PREFIX "%s", rec.data),
+				 errhidestmt(true),
+				 errhidecontext(true)));
+	}
+	PG_FINALLY();
+	{
+		audit_emitting = false;
+	}
+	PG_END_TRY();
 	pfree(rec.data);
+}
+
+/* Is the report being emitted one of our records (for the log hook)? */
+bool
+env_audit_emitting(void)
+{
+	return audit_emitting;
 }
 
 /* Write a record with these fields (everything between "ts" and "hmac"). */
@@ -386,12 +405,7 @@ static void
 audit_emit(const char *fields)
 {
 	if (audit_shared == NULL)
-	{
-		ereport(LOG_SERVER_ONLY,
-				(errmsg_internal(AUDIT_PREFIX "{%s}", fields),
-				 errhidestmt(true), errhidecontext(true)));
-		return;
-	}
+		return;					/* not preloaded: no function that audits works */
 	LWLockAcquire(audit_lock, LW_EXCLUSIVE);
 	if (audit_shared->seq == 0)
 	{
@@ -530,6 +544,29 @@ audit_collect_workers(void)
 static void
 audit_statement_start(void)
 {
+	static bool slot_cleared = false;
+
+	/* A mailbox left by a previous backend in this PGPROC slot is not ours. */
+	if (!slot_cleared)
+	{
+		AuditSlot  *slot = audit_slot(false);
+
+		if (slot)
+		{
+			SpinLockAcquire(&slot->mutex);
+			slot->n = 0;
+			SpinLockRelease(&slot->mutex);
+		}
+		slot_cleared = true;
+		if (!exit_cb_registered)
+		{
+			before_shmem_exit(audit_exit_cb, (Datum) 0);
+			exit_cb_registered = true;
+		}
+	}
+	/* Names for records written later, maybe where catalogs cannot be read. */
+	if (IsTransactionState() && !IsAbortedTransactionBlockState())
+		audit_note_users();
 	if (naggs > 0)
 		audit_flush(failed_since_use ? "error" : "ok");
 	env_statement_id++;
@@ -557,20 +594,20 @@ audit_xact_cb(XactEvent event, void *arg)
 	switch (event)
 	{
 		case XACT_EVENT_COMMIT:
+			audit_collect_workers();
 			if (naggs > 0)
 				audit_flush("ok");
 			break;
 		case XACT_EVENT_ABORT:
+			/* (the hooks' PG_FINALLY blocks unwind nesting_level) */
 			audit_collect_workers();
 			if (naggs > 0)
 				audit_flush("error");
-			nesting_level = 0;
 			break;
 		case XACT_EVENT_PARALLEL_ABORT:
 			/* A failing worker writes its own record (with leader_pid). */
 			if (naggs > 0)
 				audit_flush("error");
-			nesting_level = 0;
 			break;
 		default:
 			break;
@@ -590,6 +627,7 @@ audit_subxact_cb(SubXactEvent event, SubTransactionId mySubid,
 static void
 audit_exit_cb(int code, Datum arg)
 {
+	audit_collect_workers();
 	if (naggs > 0)
 		audit_flush("error");
 }
@@ -872,8 +910,11 @@ envelope_audit_event(PG_FUNCTION_ARGS)
 	/* Anyone running rewrap_column reports its progress; the rest is admin's. */
 	if (strcmp(event, "rewrap") != 0)
 		env_require_admin("write audit events");
+	/* The caller's fields go under "detail": they cannot pose as ours. */
 	if (!PG_ARGISNULL(3))
-		extra = JsonbToCString(NULL, &PG_GETARG_JSONB_P(3)->root, VARSIZE(PG_GETARG_JSONB_P(3)));
+		extra = psprintf("{\"detail\": %s}",
+						 JsonbToCString(NULL, &PG_GETARG_JSONB_P(3)->root,
+										VARSIZE(PG_GETARG_JSONB_P(3))));
 	env_audit(event, kek, version, extra);
 	PG_RETURN_VOID();
 }

@@ -61,6 +61,9 @@ extern void env_audit_use(EnvAuditUse use, const char *kek, int32 version,
 /* Record a refused key use at once (before the caller raises 42501). */
 extern void env_audit_denied(const char *kek, int32 version, const char *privilege);
 
+/* Is the report being emitted one of envelope's audit records? */
+extern bool env_audit_emitting(void);
+
 /* The fingerprint of a stored value: 32 hex digits and a NUL in hex. */
 extern void env_audit_fingerprint(const void *value, Size len, char *hex);
 

@@ -28,8 +28,17 @@
 #include "postgres.h"
 
 #include "envelope.h"
+#include "access/heapam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
+#include "access/genam.h"
+#include "catalog/indexing.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_authid.h"
+#include "catalog/pg_extension.h"
+#include "utils/fmgroids.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -79,7 +88,6 @@ env_authorize_hook_type env_authorize_hook = NULL;
 static KekGrant *grants = NULL;
 static int	ngrants = 0;
 static bool grants_valid = false;
-static bool grants_from_parallel = false;
 static Oid	grants_relid = InvalidOid;
 static bool callbacks_registered = false;
 
@@ -99,19 +107,6 @@ grants_relcache_cb(Datum arg, Oid relid)
 	}
 }
 
-/* Transaction end: a copy read with a query's snapshot is not kept. */
-static void
-grants_xact_cb(XactEvent event, void *arg)
-{
-	if (grants_from_parallel &&
-		(event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
-		 event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT))
-	{
-		grants_valid = false;
-		grants_from_parallel = false;
-	}
-}
-
 /* The privilege named by s, or -1. */
 static int
 parse_privilege(const char *s)
@@ -122,18 +117,28 @@ parse_privilege(const char *s)
 	return -1;
 }
 
-/* (Re)load envelope.kek_grant (absent before ALTER EXTENSION UPDATE: no grants). */
+/*
+ * (Re)load envelope.kek_grant (absent before ALTER EXTENSION UPDATE: no
+ * grants).  The table is read directly with a fresh catalog snapshot, never
+ * the transaction's: a REPEATABLE READ transaction must not keep using a
+ * grant revoked after it started, and parallel workers (which cannot take
+ * query snapshots) must see what their leader sees.
+ */
 static void
 grants_load(void)
 {
 	Oid			nsp = get_namespace_oid("envelope", true);
 	KekGrant   *fresh;
 	int			n = 0;
+	int			cap = 16;
+	Relation	rel;
+	Snapshot	snap;
+	TableScanDesc scan;
+	HeapTuple	tup;
 
 	if (!callbacks_registered)
 	{
 		CacheRegisterRelcacheCallback(grants_relcache_cb, (Datum) 0);
-		RegisterXactCallback(grants_xact_cb, NULL);
 		callbacks_registered = true;
 	}
 	grants_relid = OidIsValid(nsp) ? get_relname_relid("kek_grant", nsp) : InvalidOid;
@@ -143,45 +148,38 @@ grants_load(void)
 		grants_valid = true;
 		return;
 	}
-	LockRelationOid(grants_relid, AccessShareLock);
+	rel = table_open(grants_relid, AccessShareLock);
 	grants_valid = true;		/* an invalidation during the load clears it */
-	grants_from_parallel = IsInParallelMode();
-
-	SPI_connect();
-	PG_TRY();
+	fresh = MemoryContextAllocZero(TopMemoryContext, sizeof(KekGrant) * cap);
+	snap = RegisterSnapshot(GetCatalogSnapshot(grants_relid));
+	scan = table_beginscan(rel, snap, 0, NULL);
+	while ((tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare("SELECT kek, privilege, grantee::pg_catalog.oid "
-									   "FROM envelope.kek_grant", 0, NULL);
+		TupleDesc	desc = RelationGetDescr(rel);
+		bool		isnull[3];
+		Datum		kek = heap_getattr(tup, 1, desc, &isnull[0]);
+		Datum		grantee = heap_getattr(tup, 2, desc, &isnull[1]);
+		Datum		privilege = heap_getattr(tup, 3, desc, &isnull[2]);
+		int			priv;
 
-		if (plan == NULL ||
-			SPI_execute_snapshot(plan, NULL, NULL,
-								 IsInParallelMode() ? GetActiveSnapshot() : GetLatestSnapshot(),
-								 InvalidSnapshot, true, false, 0) != SPI_OK_SELECT)
-			elog(ERROR, "could not read envelope.kek_grant");
-		fresh = MemoryContextAllocZero(TopMemoryContext,
-									   sizeof(KekGrant) * Max(SPI_processed, 1));
-		for (uint64 i = 0; i < SPI_processed; i++)
+		if (isnull[0] || isnull[1] || isnull[2])
+			continue;
+		priv = parse_privilege(TextDatumGetCString(privilege));
+		if (priv < 0)
+			continue;
+		if (n >= cap)
 		{
-			HeapTuple	tup = SPI_tuptable->vals[i];
-			TupleDesc	desc = SPI_tuptable->tupdesc;
-			bool		isnull;
-			int			priv = parse_privilege(SPI_getvalue(tup, desc, 2));
-
-			if (priv < 0)
-				continue;
-			strlcpy(fresh[n].kek, SPI_getvalue(tup, desc, 1), NAMEDATALEN);
-			fresh[n].priv = (EnvPrivilege) priv;
-			fresh[n].grantee = DatumGetObjectId(SPI_getbinval(tup, desc, 3, &isnull));
-			n++;
+			cap *= 2;
+			fresh = repalloc(fresh, sizeof(KekGrant) * cap);
 		}
+		text_to_cstring_buffer(DatumGetTextPP(kek), fresh[n].kek, NAMEDATALEN);
+		fresh[n].priv = (EnvPrivilege) priv;
+		fresh[n].grantee = DatumGetObjectId(grantee);
+		n++;
 	}
-	PG_CATCH();
-	{
-		grants_valid = false;
-		PG_RE_THROW();
-	}
-	PG_END_TRY();
-	SPI_finish();
+	table_endscan(scan);
+	UnregisterSnapshot(snap);
+	table_close(rel, AccessShareLock);
 
 	if (grants)
 		pfree(grants);
@@ -278,15 +276,47 @@ env_authz_check_drop_role(List *roles)
 	}
 }
 
+/* The owner of the envelope extension in this database. */
+static Oid
+extension_owner(void)
+{
+	Relation	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	Oid			owner = BOOTSTRAP_SUPERUSERID;
+
+	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber,
+				F_NAMEEQ, CStringGetDatum("envelope"));
+	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
+	if (HeapTupleIsValid(tup = systable_getnext(scan)))
+		owner = ((Form_pg_extension) GETSTRUCT(tup))->extowner;
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return owner;
+}
+
 /* After DROP OWNED BY: drop the roles' KEK privileges in this database too. */
 void
 env_authz_drop_owned(List *roles)
 {
 	ListCell   *lc;
 	Oid			nsp = get_namespace_oid("envelope", true);
+	Oid			save_userid;
+	int			save_sec;
 
 	if (!OidIsValid(nsp) || !OidIsValid(get_relname_relid("kek_grant", nsp)))
 		return;
+	if (!grants_valid)
+		grants_load();
+
+	/*
+	 * DROP OWNED BY checked that the caller may act for these roles; the
+	 * grants are deleted as the extension's owner, since the caller need not
+	 * be able to change envelope.kek_grant.
+	 */
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(extension_owner(), save_sec | SECURITY_LOCAL_USERID_CHANGE);
 	SPI_connect();
 	foreach(lc, roles)
 	{
@@ -294,8 +324,11 @@ env_authz_drop_owned(List *roles)
 		Oid			role = get_rolespec_oid(spec, true);
 		Oid			argtypes[1] = {OIDOID};
 		Datum		values[1];
+		bool		holds = false;
 
-		if (!OidIsValid(role))
+		for (int i = 0; OidIsValid(role) && i < ngrants; i++)
+			holds |= (grants[i].grantee == role);
+		if (!holds)
 			continue;
 		values[0] = ObjectIdGetDatum(role);
 		if (SPI_execute_with_args("DELETE FROM envelope.kek_grant "
@@ -315,6 +348,7 @@ env_authz_drop_owned(List *roles)
 		}
 	}
 	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec);
 }
 
 /* Raise 42501 unless the current user may manage KEKs (what: the action). */

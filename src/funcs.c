@@ -444,7 +444,14 @@ envelope_rewrap(PG_FUNCTION_ARGS)
 		kek_lookup(text_to_cstring(PG_GETARG_TEXT_PP(1)), &target, false);
 	env_authorize(&from, ENV_PRIV_REWRAP, (int32) v.kek.kek_version);
 	if (strcmp(from.name, target.name) != 0)
+	{
+		/*
+		 * Moving a value to another KEK hands it to whoever may decrypt under
+		 * that KEK: it takes decrypt on the source as well as rewrap on both.
+		 */
+		env_authorize(&from, ENV_PRIV_DECRYPT, (int32) v.kek.kek_version);
 		env_authorize(&target, ENV_PRIV_REWRAP, target.latest_version);
+	}
 
 	/* Already under the target's latest version: nothing to do. */
 	if (strcmp(from.name, target.name) == 0 &&

@@ -21,8 +21,10 @@
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/json.h"
 #include "utils/datum.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
@@ -307,8 +309,17 @@ envelope_create_kek(PG_FUNCTION_ARGS)
 							  5, types, values, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "could not insert into envelope.kek");
 	SPI_finish();
-	env_audit("kek_create", name, info.latest_version,
-			  psprintf("{\"provider\": \"%s\", \"key_ref\": \"%s\"}", provider_name, key_ref));
+	{
+		StringInfoData extra;
+
+		initStringInfo(&extra);
+		appendStringInfoString(&extra, "{\"provider\": ");
+		escape_json(&extra, provider_name);
+		appendStringInfoString(&extra, ", \"key_ref\": ");
+		escape_json(&extra, key_ref);
+		appendStringInfoChar(&extra, '}');
+		env_audit("kek_create", name, info.latest_version, extra.data);
+	}
 	PG_RETURN_INT32(info.latest_version);
 }
 

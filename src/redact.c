@@ -27,12 +27,17 @@
  *	  are checked too.
  * Other statements are logged unchanged.
  *
- * The hook must never raise: it runs inside error reporting.  So literals
- * are found by a small scanner of its own (quotes, E'' strings, dollar
- * quotes, comments, numbers) that cannot fail, instead of the core scanner,
- * which raises on malformed input.  The names of decrypting views are read
- * from the catalogs at statement boundaries (and, the first time, from the
- * hook when a transaction is open), never per log line.
+ * The hook must not raise: it runs inside error reporting.  So literals are
+ * found by a small scanner of its own (quotes, E'' strings, dollar quotes,
+ * comments, numbers) that cannot fail, instead of the core scanner, which
+ * raises on malformed input, and it reads no catalogs.  The names of
+ * decrypting views are read from the catalogs at statement boundaries and
+ * published in shared memory (per database), where the hook of a session
+ * that has not run a statement yet finds them under a shared LWLock.
+ *
+ * Only envelope writes lines that look like audit records: any other report
+ * (or statement text) containing "ENVELOPE AUDIT: " has it defused, so a
+ * user cannot forge a record with RAISE LOG or a crafted statement.
  *
  *-------------------------------------------------------------------------
  */
@@ -55,6 +60,9 @@
 #include "common/hashfn.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
+#include "parser/parser.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
 #include "tcop/tcopprot.h"
 #include "utils/elog.h"
 #include "utils/fmgroids.h"
@@ -68,6 +76,8 @@
 #include "redact.h"
 
 #define AUDIT_PREFIX	"ENVELOPE AUDIT: "
+#define MASKED_DETAIL	"Values in this message were masked because the statement uses envelope."
+#define MAX_SCAN		(64 * 1024 * 1024)	/* longer texts are masked whole */
 #define LEARNED_SIZE	256		/* statement texts remembered as involved */
 #define MAX_VIEWS		4096	/* decrypting views remembered per backend */
 #define MAX_WORDS		8		/* leading words kept (EXECUTE <name>) */
@@ -90,6 +100,30 @@ static bool views_valid = false;
 static bool views_loading = false;
 
 static char *masked_query = NULL;	/* debug_query_string, masked, if we swapped it */
+static char *masked_orig = NULL;	/* ... and a copy of what it replaced */
+
+/*
+ * The decrypting views of every database, in shared memory, so the log hook
+ * (which must not read catalogs) knows them in a session that has not yet
+ * run a statement.  Published by backends that read the catalogs.
+ */
+#define REDACT_TRANCHE		"envelope_redact"
+#define SHARED_VIEWS		1024
+
+typedef struct SharedView
+{
+	Oid			db;
+	char		name[NAMEDATALEN];
+} SharedView;
+
+typedef struct RedactShared
+{
+	int			n;
+	SharedView	views[SHARED_VIEWS];
+} RedactShared;
+
+static RedactShared *redact_shared = NULL;
+static LWLock *redact_lock = NULL;
 static bool in_hook = false;
 
 /* What a scan found. */
@@ -180,8 +214,14 @@ skip_quoted(const char *s, int i, bool esc)
 static void
 scan_sql(const char *s, StringInfo out, bool dq_text, ScanResult *r)
 {
-	/* With dq_text (prose quoting SQL), numbers are left alone. */
-	bool		mask_numbers = !dq_text;
+	/*
+	 * With dq_text (prose that quotes SQL in double quotes), numbers are
+	 * masked only inside the quotes: "line 3" stays, "SQL statement \"...\""
+	 * does not.  Without standard_conforming_strings, backslashes escape in
+	 * '...' too, as the server read them.
+	 */
+	bool		in_dq = false;
+	bool		plain_esc = !standard_conforming_strings;
 
 	int			i = 0;
 
@@ -213,12 +253,17 @@ scan_sql(const char *s, StringInfo out, bool dq_text, ScanResult *r)
 		}
 		else if (c == '\'')
 		{
-			i = skip_quoted(s, i, false);
+			i = skip_quoted(s, i, plain_esc);
 			if (out)
 				appendStringInfoString(out, "'***'");
 			continue;
 		}
-		else if (c == '"' && !dq_text)
+		else if (c == '"' && dq_text)
+		{
+			in_dq = !in_dq;
+			i++;
+		}
+		else if (c == '"')
 		{
 			i++;
 			while (s[i] && !(s[i] == '"' && s[i + 1] != '"'))
@@ -260,7 +305,7 @@ scan_sql(const char *s, StringInfo out, bool dq_text, ScanResult *r)
 			}
 			i++;
 		}
-		else if (mask_numbers &&
+		else if ((!dq_text || in_dq) &&
 				 ((c >= '0' && c <= '9') ||
 				  (c == '.' && s[i + 1] >= '0' && s[i + 1] <= '9')))
 		{
@@ -306,7 +351,11 @@ mask_sql(const char *s, bool dq_text)
 {
 	StringInfoData out;
 	ScanResult	r;
+	size_t		len = strlen(s);
 
+	/* (masking can triple a text; a huge one is replaced, failing closed) */
+	if (len > MAX_SCAN)
+		return psprintf("(%zu bytes masked by envelope)", len);
 	initStringInfo(&out);
 	scan_sql(s, &out, dq_text, &r);
 	return out.data;
@@ -491,6 +540,72 @@ views_load(void)
 	pfree(rels);
 }
 
+/* Shared memory: request the lock (from the shmem_request_hook). */
+void
+env_redact_shmem_request(void)
+{
+	RequestNamedLWLockTranche(REDACT_TRANCHE, 1);
+}
+
+/* Shared memory: size of the list of decrypting views. */
+Size
+env_redact_shmem_size(void)
+{
+	return sizeof(RedactShared);
+}
+
+/* Shared memory: create or attach (caller holds AddinShmemInitLock). */
+void
+env_redact_shmem_init(void)
+{
+	bool		found;
+
+	redact_shared = ShmemInitStruct("envelope redact", sizeof(RedactShared), &found);
+	redact_lock = &(GetNamedLWLockTranche(REDACT_TRANCHE))[0].lock;
+	if (!found)
+		memset(redact_shared, 0, sizeof(RedactShared));
+}
+
+/* Replace this database's entries in the shared list by our fresh list. */
+static void
+views_publish(void)
+{
+	int			j = 0;
+
+	if (redact_shared == NULL)
+		return;
+	LWLockAcquire(redact_lock, LW_EXCLUSIVE);
+	for (int i = 0; i < redact_shared->n; i++)
+		if (redact_shared->views[i].db != MyDatabaseId)
+			redact_shared->views[j++] = redact_shared->views[i];
+	for (int i = 0; i < nviews && j < SHARED_VIEWS; i++, j++)
+	{
+		redact_shared->views[j].db = MyDatabaseId;
+		strlcpy(redact_shared->views[j].name, view_names[i], NAMEDATALEN);
+	}
+	redact_shared->n = j;
+	LWLockRelease(redact_lock);
+}
+
+/* In the log hook, before this session read the catalogs: take the shared list. */
+static void
+views_from_shared(void)
+{
+	static bool taken = false;
+
+	if (taken || redact_shared == NULL || !OidIsValid(MyDatabaseId))
+		return;
+	taken = true;
+	if (view_names == NULL)
+		view_names = MemoryContextAlloc(TopMemoryContext, sizeof(char *) * MAX_VIEWS);
+	LWLockAcquire(redact_lock, LW_SHARED);
+	for (int i = 0; i < redact_shared->n && nviews < MAX_VIEWS; i++)
+		if (redact_shared->views[i].db == MyDatabaseId)
+			view_names[nviews++] = MemoryContextStrdup(TopMemoryContext,
+													   redact_shared->views[i].name);
+	LWLockRelease(redact_lock);
+}
+
 /* At a statement boundary: refresh the names of decrypting views. */
 void
 env_redact_refresh(void)
@@ -502,6 +617,7 @@ env_redact_refresh(void)
 	PG_TRY();
 	{
 		views_load();
+		views_publish();
 	}
 	PG_FINALLY();
 	{
@@ -588,9 +704,13 @@ mask_part(char *part, bool involved, bool prose)
 static char *
 mask_message(char *msg, const char *q)
 {
-	const char *at = q ? strstr(msg, q) : NULL;
+	const char *at;
 	StringInfoData out;
 
+	/* Lines printed from the statement's own text after we swapped ours in. */
+	if (q != NULL && q == masked_query && masked_orig != NULL)
+		q = masked_orig;
+	at = q ? strstr(msg, q) : NULL;
 	if (at == NULL)
 		return msg;
 	initStringInfo(&out);
@@ -628,89 +748,143 @@ core_report(const ErrorData *edata)
 	return edata->domain == NULL || strncmp(edata->domain, "postgres-", 9) == 0;
 }
 
-/* emit_log_hook: mask what a report about an envelope statement would leak. */
+/* A copy of s with every "ENVELOPE AUDIT: " defused, or s itself if none. */
+static char *
+defuse_prefix(char *s)
+{
+	StringInfoData out;
+	char	   *p;
+	char	   *at;
+
+	if (s == NULL || strstr(s, AUDIT_PREFIX) == NULL)
+		return s;
+	initStringInfo(&out);
+	for (p = s; (at = strstr(p, AUDIT_PREFIX)) != NULL; p = at + strlen(AUDIT_PREFIX))
+	{
+		appendBinaryStringInfo(&out, p, at - p);
+		appendStringInfoString(&out, "ENVELOPE AUDIT (not a record): ");
+	}
+	appendStringInfoString(&out, p);
+	return out.data;
+}
+
+/* Mask every quoted string and number in s (for errors about data). */
+static char *
+mask_everything(char *s)
+{
+	return s ? mask_sql(mask_double_quoted(s), false) : NULL;
+}
+
+/* Swap debug_query_string (the STATEMENT line) for a masked copy. */
+static void
+swap_statement(const char *q, char *masked)
+{
+	char	   *m = MemoryContextStrdup(TopMemoryContext, masked);
+	char	   *o = MemoryContextStrdup(TopMemoryContext, q);
+
+	debug_query_string = m;
+	if (masked_query)
+		pfree(masked_query);
+	if (masked_orig)
+		pfree(masked_orig);
+	masked_query = m;
+	masked_orig = o;
+}
+
+/* The work of the log hook: mask (and defuse) one report in place. */
+static void
+redact_report(ErrorData *edata)
+{
+	const char *q = debug_query_string;
+	int			class = ERRCODE_TO_CATEGORY(edata->sqlerrcode);
+	bool		core_error = edata->elevel >= ERROR && core_report(edata);
+
+	/* A new session knows the decrypting views from shared memory. */
+	if (!views_valid)
+		views_from_shared();
+
+	if (text_involved(q))
+	{
+		if (edata->message)
+			edata->message = mask_message(edata->message, q);
+		if (statement_log_line(edata))
+		{
+			/* DETAIL: "parameters: $1 = '...'" or "prepare: PREPARE ..." */
+			if (edata->detail)
+				edata->detail = mask_sql(edata->detail, false);
+		}
+		else if (core_error && class == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION)
+		{
+			/* "Failing row contains (...)", "Key (...)=(...)": values. */
+			if (edata->detail)
+				edata->detail = pstrdup(MASKED_DETAIL);
+		}
+		else if (core_error &&
+				 ((class == ERRCODE_DATA_EXCEPTION &&
+				   edata->sqlerrcode != ERRCODE_INVALID_PARAMETER_VALUE &&
+				   edata->sqlerrcode != ERRCODE_DIVISION_BY_ZERO) ||
+				  ((edata->sqlerrcode == ERRCODE_UNDEFINED_TABLE ||
+					edata->sqlerrcode == ERRCODE_UNDEFINED_OBJECT) &&
+				   q != NULL && learned_text(q))))
+		{
+			/*
+			 * These quote the offending value (invalid input syntax "...",
+			 * JSON data), and so does a lookup by a decrypted value (a value
+			 * cast to regclass: only once the statement ran envelope, so a
+			 * mistyped table name in create_clear_view stays readable).
+			 */
+			if (edata->message)
+				edata->message = mask_double_quoted(edata->message);
+			if (edata->detail)
+				edata->detail = pstrdup(MASKED_DETAIL);
+			edata->context = mask_everything(edata->context);
+		}
+		edata->context = mask_part(edata->context, true, true);
+		edata->internalquery = mask_part(edata->internalquery, true, false);
+
+		/* The STATEMENT line is printed from debug_query_string. */
+		if (!edata->hide_stmt && q != NULL && q != masked_query)
+			swap_statement(q, mask_sql(q, false));
+	}
+	else
+	{
+		/* A PL/pgSQL statement of a function called by an unrelated one. */
+		edata->context = mask_part(edata->context, false, true);
+		edata->internalquery = mask_part(edata->internalquery, false, false);
+		if (!edata->hide_stmt && q != NULL && q != masked_query &&
+			strstr(q, AUDIT_PREFIX) != NULL)
+			swap_statement(q, defuse_prefix((char *) q));
+	}
+
+	/* Only envelope writes lines that look like audit records. */
+	edata->message = defuse_prefix(edata->message);
+	edata->detail = defuse_prefix(edata->detail);
+	edata->detail_log = defuse_prefix(edata->detail_log);
+	edata->hint = defuse_prefix(edata->hint);
+	edata->context = defuse_prefix(edata->context);
+	edata->internalquery = defuse_prefix(edata->internalquery);
+}
+
+/*
+ * emit_log_hook: mask what a report about an envelope statement would leak.
+ * It reads no catalogs and takes only a shared LWLock, so it does not fail
+ * but for lack of memory; even then the flag that stops recursion is reset.
+ */
 static void
 redact_emit_log_hook(ErrorData *edata)
 {
-	if (!in_hook && edata->output_to_server &&
-		!(edata->message && strncmp(edata->message, AUDIT_PREFIX, strlen(AUDIT_PREFIX)) == 0))
+	if (!in_hook && edata->output_to_server && !env_audit_emitting())
 	{
-		const char *q = debug_query_string;
-		bool		involved;
-
 		in_hook = true;
-
-		/*
-		 * log_statement writes before any hook of ours ran for the statement:
-		 * read the decrypting views now if this session has not yet.
-		 */
-		if (!views_valid && edata->elevel == LOG && CritSectionCount == 0 &&
-			statement_log_line(edata))
+		PG_TRY();
 		{
-			PG_TRY();
-			{
-				env_redact_refresh();
-			}
-			PG_CATCH();
-			{
-				in_hook = false;
-				PG_RE_THROW();
-			}
-			PG_END_TRY();
+			redact_report(edata);
 		}
-		involved = text_involved(q);
-
-		if (involved)
+		PG_FINALLY();
 		{
-			int			class = ERRCODE_TO_CATEGORY(edata->sqlerrcode);
-
-			if (edata->message)
-				edata->message = mask_message(edata->message, q);
-			if (statement_log_line(edata))
-			{
-				/* DETAIL: "parameters: $1 = '...'" or "prepare: PREPARE ..." */
-				if (edata->detail)
-					edata->detail = mask_sql(edata->detail, true);
-			}
-			else if (edata->elevel >= ERROR && core_report(edata) &&
-					 class == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION)
-			{
-				/* "Failing row contains (...)", "Key (...)=(...)": values. */
-				if (edata->detail)
-					edata->detail = pstrdup("Values in this message were masked because the statement uses envelope.");
-			}
-			else if (edata->elevel >= ERROR && core_report(edata) &&
-					 class == ERRCODE_DATA_EXCEPTION &&
-					 edata->sqlerrcode != ERRCODE_INVALID_PARAMETER_VALUE &&
-					 edata->sqlerrcode != ERRCODE_DIVISION_BY_ZERO)
-			{
-				/* Such errors quote the offending value: invalid input "...". */
-				if (edata->message)
-					edata->message = mask_double_quoted(edata->message);
-				if (edata->detail)
-					edata->detail = pstrdup("Values in this message were masked because the statement uses envelope.");
-			}
-			edata->context = mask_part(edata->context, true, true);
-			edata->internalquery = mask_part(edata->internalquery, true, false);
-
-			/* The STATEMENT line is printed from debug_query_string. */
-			if (!edata->hide_stmt && q != NULL && q != masked_query)
-			{
-				char	   *m = MemoryContextStrdup(TopMemoryContext, mask_sql(q, false));
-
-				debug_query_string = m;
-				if (masked_query)
-					pfree(masked_query);
-				masked_query = m;
-			}
+			in_hook = false;
 		}
-		else
-		{
-			/* A PL/pgSQL statement of a function called by an unrelated one. */
-			edata->context = mask_part(edata->context, false, true);
-			edata->internalquery = mask_part(edata->internalquery, false, false);
-		}
-		in_hook = false;
+		PG_END_TRY();
 	}
 	if (prev_emit_log_hook)
 		prev_emit_log_hook(edata);

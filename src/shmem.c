@@ -42,6 +42,7 @@
 #include "audit.h"
 #include "crypto.h"
 #include "keycache.h"
+#include "redact.h"
 #include "shmem.h"
 #include "sweeper.h"
 
@@ -82,6 +83,8 @@ env_shmem_request(void)
 	RequestNamedLWLockTranche(ENV_TRANCHE, 1 + keycache_partitions());
 	RequestAddinShmemSpace(env_audit_shmem_size());
 	env_audit_shmem_request();
+	RequestAddinShmemSpace(env_redact_shmem_size());
+	env_redact_shmem_request();
 }
 
 /* on_shmem_exit callback in the postmaster: wipe cached keys. */
@@ -124,6 +127,7 @@ env_shmem_startup(void)
 		keycache_shmem_init(region);
 	}
 	env_audit_shmem_init();
+	env_redact_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 
 	if (!IsUnderPostmaster)

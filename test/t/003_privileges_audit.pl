@@ -512,6 +512,12 @@ allowed_ok('grant rewrap on k to maint', $su, app_name('grant_maint'), q{SELECT 
 	is($rw[0]{user}, 'maint', 'rewrap record: user maint') if @rw;
 }
 denied_ok('maint: dec() without decrypt', 'maint', app_name('maint_dec'), q{SELECT "dec"(v) FROM r}, 'k', 'decrypt');
+# Moving a value to another KEK hands it to that KEK's readers: it needs
+# decrypt on the value's KEK as well as rewrap on both.
+denied_ok('maint: moving a value to k2 needs decrypt on its KEK k', 'maint', app_name('maint_move_nodec'),
+	q{SELECT rewrap(v, 'k2') FROM r}, 'k', 'decrypt');
+allowed_ok('grant decrypt on k to maint (to move values)', $su, app_name('grant_maint_dec'),
+	q{SELECT envelope.grant('k', 'maint', 'decrypt')});
 denied_ok('maint: rewrap() to k2 without rewrap on k2', 'maint', app_name('maint_k2'),
 	q{SELECT rewrap(v, 'k2') FROM r}, 'k2', 'rewrap');
 allowed_ok('grant rewrap on k2 to maint', $su, app_name('grant_maint_k2'), q{SELECT envelope.grant('k2', 'maint', 'rewrap')});
@@ -519,8 +525,9 @@ is(allowed_ok('maint: UPDATE r SET v = rewrap(v, \'k2\')', 'maint', app_name('ma
 		q{UPDATE r SET v = rewrap(v, 'k2') RETURNING envelope.kek_of(v)}),
 	"k2\nk2", 'maint: both values moved to k2');
 allowed_ok('revoke rewrap on k from maint', $su, app_name('revoke_maint'), q{SELECT envelope.revoke('k', 'maint', 'rewrap')});
-denied_ok('maint: rewrap() of a k2 value back to k without rewrap on the target k', 'maint',
-	app_name('maint_back'), q{SELECT rewrap(v, 'k') FROM r}, 'k', 'rewrap');
+allowed_ok('revoke decrypt on k from maint', $su, app_name('revoke_maint_dec'), q{SELECT envelope.revoke('k', 'maint', 'decrypt')});
+denied_ok('maint: rewrap() of a k2 value back to k without decrypt on k2', 'maint',
+	app_name('maint_back'), q{SELECT rewrap(v, 'k') FROM r}, 'k2', 'decrypt');
 denied_ok('maint: rewrap() of a k value to k2 without rewrap on the value\'s KEK k', 'maint',
 	app_name('maint_src'), q{SELECT rewrap(v, 'k2') FROM r2}, 'k', 'rewrap');
 
@@ -595,6 +602,28 @@ is($node->safe_psql('postgres', q{SELECT dec_text(v) FROM r ORDER BY id}),
 		'open transaction: the next statement after the committed revoke fails with 42501');
 	is($out, '', '... returning nothing');
 	$q->('ROLLBACK');
+
+	# The same in a REPEATABLE READ transaction whose statements run in
+	# parallel workers: neither the workers nor the leader may keep using a
+	# copy of the grants read with the transaction's old snapshot.
+	allowed_ok('decrypt on k granted to grp again', $su, app_name('regrant_grp_rr'),
+		q{SELECT envelope.grant('k', 'grp', 'decrypt')});
+	$q->($_) for (
+		'SET parallel_setup_cost = 0', 'SET parallel_tuple_cost = 0',
+		'SET min_parallel_table_scan_size = 0', 'SET max_parallel_workers_per_gather = 2',
+		'SET parallel_leader_participation = off');
+	$q->('BEGIN ISOLATION LEVEL REPEATABLE READ');
+	my $pscan = q{SELECT count(dec_text(v)) FROM big};
+	($out, $err) = $q->($pscan);
+	is($out, $nbig, 'REPEATABLE READ: bob decrypts in a parallel scan') or diag($err);
+	allowed_ok('admin1 revokes while bob\'s REPEATABLE READ transaction is open', 'admin1',
+		app_name('revoke_grp_rr'), q{SELECT envelope.revoke('k', 'grp', 'decrypt')});
+	($out, $err) = $q->($pscan);
+	like($err, qr/ERROR:\s+42501: permission denied for KEK "k"/,
+		'REPEATABLE READ: the next parallel scan after the committed revoke fails with 42501');
+	is($out, '', '... returning nothing');
+	$q->('ROLLBACK');
+	$q->('RESET parallel_leader_participation');
 	$bs->quit;
 
 	allowed_ok('decrypt on k granted to grp again', $su, app_name('regrant_grp2'),
@@ -660,6 +689,26 @@ SET max_parallel_workers_per_gather = 2;
 	is($r->{values}, $nbig, "parallel scan: values = $nbig (workers' counts merged)");
 	cmp_ok($r->{workers} // 0, '>=', 1, 'parallel scan: workers = ' . ($r->{workers} // 'undef') . ' >= 1');
 	is($r->{outcome}, 'ok', 'parallel scan: outcome ok');
+}
+
+# A ROLLBACK inside DO must not upset the tracking of statements: the
+# session's next statements (parallel, decrypted by workers only) are still
+# recorded once each, with all their values, user and database.
+{
+	my $app = app_name('rollback_in_do');
+	my $off = log_offset();
+	allowed_ok('DO $$BEGIN ROLLBACK; END$$, then two parallel scans', $su, $app,
+		qq{SET parallel_leader_participation = off;\n$parallel_set}
+		  . qq{DO \$\$BEGIN ROLLBACK; END\$\$;\nSELECT count("dec"(v)) FROM big;\nSELECT count("dec"(v)) FROM big;});
+	my @r = wait_records($off, 2, event => 'decrypt', app => $app, statement => 1);
+	is(scalar(@r), 2, 'after ROLLBACK in DO: one record per scan');
+	for my $r (@r)
+	{
+		is($r->{values}, $nbig, "after ROLLBACK in DO: values = $nbig");
+		cmp_ok($r->{workers} // 0, '>=', 1, 'after ROLLBACK in DO: workers >= 1');
+		is($r->{session_user}, $su, 'after ROLLBACK in DO: session_user set');
+		is($r->{db}, 'postgres', 'after ROLLBACK in DO: db set');
+	}
 }
 
 # ---------------------------------------------------------------------------

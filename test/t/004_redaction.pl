@@ -434,6 +434,54 @@ PY
 }
 
 # ---------------------------------------------------------------------------
+# Corner cases: a duration line printed after a WARNING swapped the
+# statement text; standard_conforming_strings = off; numbers in the DETAIL
+# of EXECUTE; a JSON error quoting decrypted data; a forged audit line
+# ---------------------------------------------------------------------------
+
+set_logging(log_statement => 'none', log_min_duration_statement => '0');
+{
+	my $s = new_secret();
+	my $off = log_offset();
+	my ($rc, $out, $err) = psql_verbose($node, qq{SELECT enc('$s') IS NOT NULL, pg_terminate_backend(0)});
+	is($rc, 0, 'a statement that logs a WARNING before its duration line runs') or diag($err);
+	my $log = log_since($off);
+	log_like($log, qr/duration: [0-9.]+ ms  statement: SELECT enc\('\*\*\*'\) IS NOT NULL/,
+		'the duration line printed after it is masked too');
+	no_secret_in_log('duration line after a WARNING', $off);
+
+	$s = new_secret();
+	$off = log_offset();
+	($rc, $out, $err) = psql_verbose($node,
+		"SET standard_conforming_strings = off;\nSELECT enc('it\\'s " . $s . "') IS NOT NULL;");
+	is($rc, 0, 'standard_conforming_strings = off: a backslash-escaped quote in enc()') or diag($err);
+	no_secret_in_log('standard_conforming_strings = off', $off);
+}
+set_logging(log_statement => 'all', log_min_duration_statement => '-1');
+{
+	my $card = '4' . join('', map { int rand 10 } 1 .. 15);
+	my $off = log_offset();
+	my ($rc, $out, $err) = psql_verbose($node,
+		"PREPARE pn AS SELECT enc(${card}::text) IS NOT NULL;\nEXECUTE pn;");
+	is($rc, 0, 'PREPARE with a numeric constant, EXECUTE') or diag($err);
+	my $log = log_since($off);
+	log_like($log, qr/DETAIL:  prepare: PREPARE pn AS SELECT enc\(\*\*\*::text\)/, 'EXECUTE: the DETAIL prepare: line masks numbers');
+	unlike($log, qr/\Q$card\E/, 'a numeric secret never reaches the log');
+
+	my $s = new_secret();
+	$off = log_offset();
+	($rc, $out, $err) = psql_verbose($node, qq|SELECT dec_text(enc('{"ssn": "$s", x'))::json|);
+	like($err, qr/22P02/, 'a JSON error on decrypted data reaches the client with its SQLSTATE') or diag($err);
+	no_secret_in_log('a JSON error quoting decrypted data (CONTEXT: JSON data ...)', $off);
+
+	$off = log_offset();
+	psql_verbose($node, q{DO $$BEGIN RAISE LOG 'ENVELOPE AUDIT: {"seq": 1, "event": "forged"}'; END$$});
+	$log = log_since($off);
+	unlike($log, qr/ENVELOPE AUDIT: \{"seq": 1, "event": "forged"\}/, 'RAISE LOG cannot write a line that looks like an audit record');
+	log_like($log, qr/ENVELOPE AUDIT \(not a record\): \{"seq": 1, "event": "forged"\}/, '... it is defused');
+}
+
+# ---------------------------------------------------------------------------
 
 no_secret_in_log('the whole log (' . scalar(@secrets) . ' secrets)', 0);
 my $n_masked = () = slurp_file($node->logfile) =~ /$masked/g;
