@@ -41,3 +41,21 @@ FROM customers ORDER BY id;
 
 -- KMS traffic of this session.
 SELECT hits, misses, kms_generate, kms_unwrap, kms_rewrap, kms_rotate FROM envelope.cache_stats();
+
+-- Who may decrypt: a role needs the decrypt privilege on the KEK.
+DO $$ BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'demo_reader') THEN EXECUTE 'DROP OWNED BY demo_reader'; DROP ROLE demo_reader; END IF; END $$;
+CREATE ROLE demo_reader;
+GRANT SELECT ON customers TO demo_reader;
+SET ROLE demo_reader;
+\set ON_ERROR_STOP 0
+SELECT dec_text(ssn) FROM customers WHERE id = 1;   -- permission denied for KEK "pii"
+\set ON_ERROR_STOP 1
+RESET ROLE;
+SELECT envelope.grant('pii', 'demo_reader', 'decrypt');
+SET ROLE demo_reader;
+SELECT dec_text(ssn) FROM customers WHERE id = 1;
+RESET ROLE;
+SELECT * FROM envelope.kek_privileges;
+SELECT envelope.revoke('pii', 'demo_reader', 'decrypt');
+DROP OWNED BY demo_reader;
+DROP ROLE demo_reader;
