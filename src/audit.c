@@ -65,7 +65,9 @@
 #include "utils/builtins.h"
 #include "utils/datetime.h"
 #include "utils/guc.h"
+#include "utils/inval.h"
 #include "utils/json.h"
+#include "utils/syscache.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 
@@ -273,6 +275,14 @@ add_str(StringInfo buf, const char *key, const char *value)
 		escape_json(buf, value);
 	else
 		appendStringInfoString(buf, "null");
+}
+
+/* Syscache callback: a role changed (renamed): look its name up again. */
+static void
+audit_role_cb(Datum arg, int cacheid, uint32 hashvalue)
+{
+	user_oid = InvalidOid;
+	session_oid = InvalidOid;
 }
 
 /* Remember names of the current and session users (needs catalog access). */
@@ -567,6 +577,7 @@ audit_statement_start(void)
 	/* Names for records written later, maybe where catalogs cannot be read. */
 	if (IsTransactionState() && !IsAbortedTransactionBlockState())
 		audit_note_users();
+	audit_collect_workers();
 	if (naggs > 0)
 		audit_flush(failed_since_use ? "error" : "ok");
 	env_statement_id++;
@@ -619,8 +630,13 @@ static void
 audit_subxact_cb(SubXactEvent event, SubTransactionId mySubid,
 				 SubTransactionId parentSubid, void *arg)
 {
-	if (event == SUBXACT_EVENT_ABORT_SUB && naggs > 0)
-		failed_since_use = true;
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+	{
+		/* Workers of the failed statement have exited: take their counts. */
+		audit_collect_workers();
+		if (naggs > 0)
+			failed_since_use = true;
+	}
 }
 
 /* Backend exit (for example pg_terminate_backend mid-statement). */
@@ -774,6 +790,7 @@ env_audit_init(void)
 	ProcessUtility_hook = audit_ProcessUtility;
 	RegisterXactCallback(audit_xact_cb, NULL);
 	RegisterSubXactCallback(audit_subxact_cb, NULL);
+	CacheRegisterSyscacheCallback(AUTHOID, audit_role_cb, (Datum) 0);
 }
 
 /* The fingerprint of a stored value: 128 bits of SHA-256, in hex. */
@@ -907,12 +924,17 @@ envelope_audit_event(PG_FUNCTION_ARGS)
 	if (PG_ARGISNULL(0))
 		PG_RETURN_VOID();
 	event = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	/* Anyone running rewrap_column reports its progress; the rest is admin's. */
+	/*
+	 * Only the events envelope's own SQL procedures write: rewrap_column's
+	 * progress (anyone may run it).  Records written this way say so.
+	 */
 	if (strcmp(event, "rewrap") != 0)
-		env_require_admin("write audit events");
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("audit event \"%s\" cannot be written from SQL", event)));
 	/* The caller's fields go under "detail": they cannot pose as ours. */
 	if (!PG_ARGISNULL(3))
-		extra = psprintf("{\"detail\": %s}",
+		extra = psprintf("{\"via\": \"audit_event\", \"detail\": %s}",
 						 JsonbToCString(NULL, &PG_GETARG_JSONB_P(3)->root,
 										VARSIZE(PG_GETARG_JSONB_P(3))));
 	env_audit(event, kek, version, extra);

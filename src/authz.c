@@ -256,6 +256,7 @@ env_authz_check_drop_role(List *roles)
 
 	if (!IsTransactionState() || get_namespace_oid("envelope", true) == InvalidOid)
 		return;
+	AcceptInvalidationMessages();
 	if (!grants_valid)
 		grants_load();
 	foreach(lc, roles)
@@ -304,11 +305,32 @@ env_authz_drop_owned(List *roles)
 	Oid			nsp = get_namespace_oid("envelope", true);
 	Oid			save_userid;
 	int			save_sec;
+	Oid		   *oids;
+	uint64	   *deleted;
+	int			n = 0;
 
 	if (!OidIsValid(nsp) || !OidIsValid(get_relname_relid("kek_grant", nsp)))
 		return;
+	AcceptInvalidationMessages();
 	if (!grants_valid)
 		grants_load();
+
+	/* Resolve the roles as the caller (CURRENT_USER means the caller). */
+	oids = palloc0(sizeof(Oid) * list_length(roles));
+	deleted = palloc0(sizeof(uint64) * list_length(roles));
+	foreach(lc, roles)
+	{
+		Oid			role = get_rolespec_oid(lfirst(lc), true);
+
+		for (int i = 0; OidIsValid(role) && i < ngrants; i++)
+			if (grants[i].grantee == role)
+			{
+				oids[n++] = role;
+				break;
+			}
+	}
+	if (n == 0)
+		return;
 
 	/*
 	 * DROP OWNED BY checked that the caller may act for these roles; the
@@ -317,38 +339,40 @@ env_authz_drop_owned(List *roles)
 	 */
 	GetUserIdAndSecContext(&save_userid, &save_sec);
 	SetUserIdAndSecContext(extension_owner(), save_sec | SECURITY_LOCAL_USERID_CHANGE);
-	SPI_connect();
-	foreach(lc, roles)
+	PG_TRY();
 	{
-		RoleSpec   *spec = lfirst(lc);
-		Oid			role = get_rolespec_oid(spec, true);
-		Oid			argtypes[1] = {OIDOID};
-		Datum		values[1];
-		bool		holds = false;
-
-		for (int i = 0; OidIsValid(role) && i < ngrants; i++)
-			holds |= (grants[i].grantee == role);
-		if (!holds)
-			continue;
-		values[0] = ObjectIdGetDatum(role);
-		if (SPI_execute_with_args("DELETE FROM envelope.kek_grant "
-								  "WHERE grantee OPERATOR(pg_catalog.=) $1::pg_catalog.regrole",
-								  1, argtypes, values, NULL, false, 0) < 0)
-			elog(ERROR, "could not change envelope.kek_grant");
-		if (SPI_processed > 0)
+		SPI_connect();
+		for (int r = 0; r < n; r++)
 		{
-			StringInfoData extra;
+			Oid			argtypes[1] = {OIDOID};
+			Datum		values[1] = {ObjectIdGetDatum(oids[r])};
 
-			initStringInfo(&extra);
-			appendStringInfoString(&extra, "{\"grantee\": ");
-			escape_json(&extra, GetUserNameFromId(role, false));
-			appendStringInfo(&extra, ", \"privileges\": " UINT64_FORMAT ", \"by\": \"DROP OWNED\"}",
-							 SPI_processed);
-			env_audit("revoke", NULL, 0, extra.data);
+			if (SPI_execute_with_args("DELETE FROM envelope.kek_grant "
+									  "WHERE grantee OPERATOR(pg_catalog.=) $1::pg_catalog.regrole",
+									  1, argtypes, values, NULL, false, 0) < 0)
+				elog(ERROR, "could not change envelope.kek_grant");
+			deleted[r] = SPI_processed;
 		}
+		SPI_finish();
 	}
-	SPI_finish();
-	SetUserIdAndSecContext(save_userid, save_sec);
+	PG_FINALLY();
+	{
+		SetUserIdAndSecContext(save_userid, save_sec);
+	}
+	PG_END_TRY();
+
+	/* Audited as the caller. */
+	for (int r = 0; r < n; r++)
+	{
+		StringInfoData extra;
+
+		initStringInfo(&extra);
+		appendStringInfoString(&extra, "{\"grantee\": ");
+		escape_json(&extra, GetUserNameFromId(oids[r], false));
+		appendStringInfo(&extra, ", \"privileges\": " UINT64_FORMAT ", \"by\": \"DROP OWNED\"}",
+						 deleted[r]);
+		env_audit("revoke", NULL, 0, extra.data);
+	}
 }
 
 /* Raise 42501 unless the current user may manage KEKs (what: the action). */

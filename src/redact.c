@@ -55,6 +55,7 @@
 #include "catalog/pg_extension.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_rewrite.h"
+#include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "commands/prepare.h"
 #include "common/hashfn.h"
@@ -62,6 +63,7 @@
 #include "miscadmin.h"
 #include "parser/parser.h"
 #include "storage/lwlock.h"
+#include "storage/proc.h"
 #include "storage/shmem.h"
 #include "tcop/tcopprot.h"
 #include "utils/elog.h"
@@ -98,6 +100,7 @@ static char **view_names = NULL;
 static int	nviews = 0;
 static bool views_valid = false;
 static bool views_loading = false;
+static bool views_changed = false;	/* a rule changed since the last read */
 
 static char *masked_query = NULL;	/* debug_query_string, masked, if we swapped it */
 static char *masked_orig = NULL;	/* ... and a copy of what it replaced */
@@ -108,7 +111,7 @@ static char *masked_orig = NULL;	/* ... and a copy of what it replaced */
  * run a statement.  Published by backends that read the catalogs.
  */
 #define REDACT_TRANCHE		"envelope_redact"
-#define SHARED_VIEWS		1024
+#define SHARED_VIEWS		4096
 
 typedef struct SharedView
 {
@@ -118,6 +121,7 @@ typedef struct SharedView
 
 typedef struct RedactShared
 {
+	uint64		generation;		/* +1 at every publication */
 	int			n;
 	SharedView	views[SHARED_VIEWS];
 } RedactShared;
@@ -139,6 +143,7 @@ static void
 views_inval_cb(Datum arg, int cacheid, uint32 hashvalue)
 {
 	views_valid = false;
+	views_changed = true;
 }
 
 /* Is this (normalised) identifier one that makes a statement involved? */
@@ -183,14 +188,24 @@ note_word(ScanResult *r, const char *w, int len, bool fold)
 		strlcpy(r->words[r->nwords++], buf, NAMEDATALEN);
 }
 
-/* End of a '...' literal starting at s[i] (the quote); backslashes escape if esc. */
+/* How backslashes in '...' are read. */
+typedef enum QuoteEsc
+{
+	ESC_NONE,					/* standard_conforming_strings */
+	ESC_BACKSLASH,				/* E'...', or statement text without it */
+	ESC_UNKNOWN					/* either: a backslash masks the rest */
+} QuoteEsc;
+
+/* End of a '...' literal starting at s[i] (the quote). */
 static int
-skip_quoted(const char *s, int i, bool esc)
+skip_quoted(const char *s, int i, QuoteEsc esc)
 {
 	i++;
 	while (s[i])
 	{
-		if (esc && s[i] == '\\' && s[i + 1])
+		if (esc == ESC_UNKNOWN && s[i] == '\\')
+			return i + strlen(s + i);	/* fail closed */
+		if (esc == ESC_BACKSLASH && s[i] == '\\' && s[i + 1])
 			i += 2;
 		else if (s[i] == '\'')
 		{
@@ -212,16 +227,19 @@ skip_quoted(const char *s, int i, bool esc)
  * so literals inside them are found.  Never raises.
  */
 static void
-scan_sql(const char *s, StringInfo out, bool dq_text, ScanResult *r)
+scan_sql(const char *s, StringInfo out, bool dq_text, bool stmt_text, ScanResult *r)
 {
 	/*
 	 * With dq_text (prose that quotes SQL in double quotes), numbers are
 	 * masked only inside the quotes: "line 3" stays, "SQL statement \"...\""
 	 * does not.  Without standard_conforming_strings, backslashes escape in
-	 * '...' too, as the server read them.
+	 * '...' too, as the server read statement text; other text (parameter
+	 * values, which are quoted without escaping backslashes) could be read
+	 * either way, so a backslash there masks the rest.
 	 */
 	bool		in_dq = false;
-	bool		plain_esc = !standard_conforming_strings;
+	QuoteEsc	plain_esc = standard_conforming_strings ? ESC_NONE :
+		stmt_text ? ESC_BACKSLASH : ESC_UNKNOWN;
 
 	int			i = 0;
 
@@ -324,14 +342,14 @@ scan_sql(const char *s, StringInfo out, bool dq_text, ScanResult *r)
 			/* A prefixed string: E'...', B'...', X'...', N'...', U&'...' */
 			if (s[i] == '\'' && i - start == 1 && strchr("eEbBxXnN", c))
 			{
-				i = skip_quoted(s, i, c == 'e' || c == 'E');
+				i = skip_quoted(s, i, (c == 'e' || c == 'E') ? ESC_BACKSLASH : plain_esc);
 				if (out)
 					appendStringInfoString(out, "'***'");
 				continue;
 			}
 			if (s[i] == '&' && s[i + 1] == '\'' && i - start == 1 && (c == 'u' || c == 'U'))
 			{
-				i = skip_quoted(s, i + 1, false);
+				i = skip_quoted(s, i + 1, plain_esc);
 				if (out)
 					appendStringInfoString(out, "'***'");
 				continue;
@@ -346,8 +364,16 @@ scan_sql(const char *s, StringInfo out, bool dq_text, ScanResult *r)
 }
 
 /* A copy of s with its literals masked (in the current memory context). */
+/* What a text to mask is. */
+typedef enum MaskMode
+{
+	MASK_STATEMENT,				/* SQL as the server read it */
+	MASK_PARAMS,				/* SQL-like: parameter lists, prepare: lines */
+	MASK_PROSE					/* a message quoting SQL in double quotes */
+} MaskMode;
+
 static char *
-mask_sql(const char *s, bool dq_text)
+mask_sql(const char *s, MaskMode mode)
 {
 	StringInfoData out;
 	ScanResult	r;
@@ -357,7 +383,7 @@ mask_sql(const char *s, bool dq_text)
 	if (len > MAX_SCAN)
 		return psprintf("(%zu bytes masked by envelope)", len);
 	initStringInfo(&out);
-	scan_sql(s, &out, dq_text, &r);
+	scan_sql(s, &out, mode == MASK_PROSE, mode == MASK_STATEMENT, &r);
 	return out.data;
 }
 
@@ -431,6 +457,23 @@ rule_relation(Oid rule)
 	return result;
 }
 
+/* Add an OID to a growing array, once (at most MAX_VIEWS). */
+static void
+add_oid(Oid **arr, int *n, int *cap, Oid oid)
+{
+	for (int i = 0; i < *n; i++)
+		if ((*arr)[i] == oid)
+			return;
+	if (*n >= MAX_VIEWS)
+		return;
+	if (*n >= *cap)
+	{
+		*cap *= 2;
+		*arr = repalloc(*arr, sizeof(Oid) * *cap);
+	}
+	(*arr)[(*n)++] = oid;
+}
+
 /* Relations whose rules depend on the object (classid, objid). */
 static void
 dependent_views(Relation depRel, Oid classid, Oid objid, Oid **rels, int *nrels, int *cap)
@@ -453,28 +496,65 @@ dependent_views(Relation depRel, Oid classid, Oid objid, Oid **rels, int *nrels,
 			continue;
 		ev_class = rule_relation(d->objid);
 		if (OidIsValid(ev_class))
-		{
-			bool		seen = false;
-
-			for (int i = 0; i < *nrels; i++)
-				seen |= ((*rels)[i] == ev_class);
-			if (!seen && *nrels < MAX_VIEWS)
-			{
-				if (*nrels >= *cap)
-				{
-					*cap *= 2;
-					*rels = repalloc(*rels, sizeof(Oid) * *cap);
-				}
-				(*rels)[(*nrels)++] = ev_class;
-			}
-		}
+			add_oid(rels, nrels, cap, ev_class);
 	}
 	systable_endscan(scan);
 }
 
 /*
- * Read the names of the views that decrypt: views whose rules use one of
- * envelope's functions, and views over those.  Needs an open transaction.
+ * Relations with a column of one of envelope's types (enc_bytea, domains
+ * and arrays over it): statements naming them may carry what is encrypted
+ * into them by triggers.
+ */
+static void
+typed_relations(Relation depRel, Oid ext, Oid **rels, int *nrels, int *cap)
+{
+	Oid		   *types = palloc(sizeof(Oid) * 16);
+	int			ntypes = 0;
+	int			tcap = 16;
+	ScanKeyData key[2];
+	SysScanDesc scan;
+	HeapTuple	tup;
+
+	ScanKeyInit(&key[0], Anum_pg_depend_refclassid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(ExtensionRelationId));
+	ScanKeyInit(&key[1], Anum_pg_depend_refobjid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(ext));
+	scan = systable_beginscan(depRel, DependReferenceIndexId, true, NULL, 2, key);
+	while (HeapTupleIsValid(tup = systable_getnext(scan)))
+	{
+		Form_pg_depend d = (Form_pg_depend) GETSTRUCT(tup);
+
+		if (d->classid == TypeRelationId && d->deptype == DEPENDENCY_EXTENSION)
+			add_oid(&types, &ntypes, &tcap, d->objid);
+	}
+	systable_endscan(scan);
+
+	for (int t = 0; t < ntypes; t++)
+	{
+		ScanKeyInit(&key[0], Anum_pg_depend_refclassid, BTEqualStrategyNumber,
+					F_OIDEQ, ObjectIdGetDatum(TypeRelationId));
+		ScanKeyInit(&key[1], Anum_pg_depend_refobjid, BTEqualStrategyNumber,
+					F_OIDEQ, ObjectIdGetDatum(types[t]));
+		scan = systable_beginscan(depRel, DependReferenceIndexId, true, NULL, 2, key);
+		while (HeapTupleIsValid(tup = systable_getnext(scan)))
+		{
+			Form_pg_depend d = (Form_pg_depend) GETSTRUCT(tup);
+
+			if (d->classid == TypeRelationId)
+				add_oid(&types, &ntypes, &tcap, d->objid);	/* domain, array */
+			else if (d->classid == RelationRelationId && d->objsubid > 0)
+				add_oid(rels, nrels, cap, d->objid);	/* a column */
+		}
+		systable_endscan(scan);
+	}
+	pfree(types);
+}
+
+/*
+ * Read the names of the relations whose statements involve envelope: views
+ * whose rules use one of envelope's functions, relations with a column of
+ * its types, and views over those.  Needs an open transaction.
  */
 static void
 views_load(void)
@@ -494,6 +574,8 @@ views_load(void)
 	if (!callback_registered)
 	{
 		CacheRegisterSyscacheCallback(RULERELNAME, views_inval_cb, (Datum) 0);
+		/* (a column added or dropped: maybe one of envelope's types) */
+		CacheRegisterSyscacheCallback(ATTNUM, views_inval_cb, (Datum) 0);
 		callback_registered = true;
 	}
 	for (int i = 0; i < nviews; i++)
@@ -526,7 +608,8 @@ views_load(void)
 	}
 	systable_endscan(scan);
 
-	/* Views over those views, transitively. */
+	/* Tables with envelope's types, and views over all of those. */
+	typed_relations(depRel, ext, &rels, &nrels, &cap);
 	for (int i = 0; i < nrels; i++)
 		dependent_views(depRel, RelationRelationId, rels[i], &rels, &nrels, &cap);
 	table_close(depRel, AccessShareLock);
@@ -570,6 +653,8 @@ env_redact_shmem_init(void)
 static void
 views_publish(void)
 {
+	static bool warned = false;
+	bool		overflow = false;
 	int			j = 0;
 
 	if (redact_shared == NULL)
@@ -578,32 +663,74 @@ views_publish(void)
 	for (int i = 0; i < redact_shared->n; i++)
 		if (redact_shared->views[i].db != MyDatabaseId)
 			redact_shared->views[j++] = redact_shared->views[i];
-	for (int i = 0; i < nviews && j < SHARED_VIEWS; i++, j++)
+	for (int i = 0; i < nviews; i++, j++)
 	{
+		if (j >= SHARED_VIEWS)
+		{
+			overflow = true;
+			break;
+		}
 		redact_shared->views[j].db = MyDatabaseId;
 		strlcpy(redact_shared->views[j].name, view_names[i], NAMEDATALEN);
 	}
 	redact_shared->n = j;
+	redact_shared->generation++;
 	LWLockRelease(redact_lock);
+	if (overflow && !warned)
+	{
+		warned = true;
+		ereport(WARNING,
+				(errmsg("too many relations hold or decrypt envelope values to share their names"),
+				 errdetail("The log redaction hook of new sessions knows at most %d of them until they run a statement.",
+						   SHARED_VIEWS)));
+	}
 }
 
-/* In the log hook, before this session read the catalogs: take the shared list. */
+/*
+ * In the log hook, while this session's own list is not fresh: take the
+ * shared list if it changed since we last did.  Never waits: the hook may run
+ * where waiting is impossible (after the PGPROC is gone, for the disconnect
+ * line), so if the lock is busy the current list is used.
+ */
 static void
 views_from_shared(void)
 {
-	static bool taken = false;
+	static uint64 seen_generation = 0;
+	int			n = 0;
 
-	if (taken || redact_shared == NULL || !OidIsValid(MyDatabaseId))
+	if (redact_shared == NULL || MyProc == NULL || !OidIsValid(MyDatabaseId))
 		return;
-	taken = true;
-	if (view_names == NULL)
-		view_names = MemoryContextAlloc(TopMemoryContext, sizeof(char *) * MAX_VIEWS);
-	LWLockAcquire(redact_lock, LW_SHARED);
-	for (int i = 0; i < redact_shared->n && nviews < MAX_VIEWS; i++)
-		if (redact_shared->views[i].db == MyDatabaseId)
-			view_names[nviews++] = MemoryContextStrdup(TopMemoryContext,
-													   redact_shared->views[i].name);
+	if (!LWLockConditionalAcquire(redact_lock, LW_SHARED))
+		return;
+	if (redact_shared->generation != seen_generation)
+	{
+		if (view_names == NULL)
+			view_names = MemoryContextAlloc(TopMemoryContext, sizeof(char *) * MAX_VIEWS);
+		for (int i = 0; i < nviews; i++)
+			pfree(view_names[i]);
+		for (int i = 0; i < redact_shared->n && n < MAX_VIEWS; i++)
+			if (redact_shared->views[i].db == MyDatabaseId)
+				view_names[n++] = MemoryContextStrdup(TopMemoryContext,
+													  redact_shared->views[i].name);
+		nviews = n;
+		seen_generation = redact_shared->generation;
+	}
 	LWLockRelease(redact_lock);
+}
+
+/*
+ * Before a transaction that changed a view commits: read the list again and
+ * publish it, so other sessions' log hooks know a new decrypting view before
+ * they can use it.
+ */
+static void
+redact_xact_cb(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_PRE_COMMIT && !views_valid && views_changed)
+	{
+		env_redact_refresh();
+		views_changed = false;
+	}
 }
 
 /* At a statement boundary: refresh the names of decrypting views. */
@@ -636,7 +763,7 @@ text_involved(const char *q)
 		return false;
 	if (q == masked_query || learned_text(q))
 		return true;
-	scan_sql(q, NULL, false, &r);
+	scan_sql(q, NULL, false, true, &r);
 	if (r.mentions)
 		return true;
 	/* EXECUTE name: look at the prepared statement's text. */
@@ -650,33 +777,30 @@ text_involved(const char *q)
 
 			if (learned_text(pq))
 				return true;
-			scan_sql(pq, NULL, false, &r);
+			scan_sql(pq, NULL, false, true, &r);
 			return r.mentions;
 		}
 	}
 	return false;
 }
 
-/* Replace the text between double quotes in s with ***. */
+/*
+ * Mask everything from the first double quote to the last one in s: the
+ * quoted value of invalid input "..." may itself contain quotes.
+ */
 static char *
 mask_double_quoted(const char *s)
 {
+	const char *first = strchr(s, '"');
+	const char *last = strrchr(s, '"');
 	StringInfoData out;
-	bool		inq = false;
 
+	if (first == NULL || first == last)
+		return pstrdup(s);
 	initStringInfo(&out);
-	for (const char *p = s; *p; p++)
-	{
-		if (*p == '"')
-		{
-			appendStringInfoChar(&out, '"');
-			if (!inq)
-				appendStringInfoString(&out, "***");
-			inq = !inq;
-		}
-		else if (!inq)
-			appendStringInfoChar(&out, *p);
-	}
+	appendBinaryStringInfo(&out, s, first - s + 1);
+	appendStringInfoString(&out, "***");
+	appendStringInfoString(&out, last);
 	return out.data;
 }
 
@@ -693,11 +817,11 @@ mask_part(char *part, bool involved, bool prose)
 		return NULL;
 	if (!involved)
 	{
-		scan_sql(part, NULL, prose, &r);
+		scan_sql(part, NULL, prose, !prose, &r);
 		if (!r.mentions)
 			return part;
 	}
-	return mask_sql(part, prose);
+	return mask_sql(part, prose ? MASK_PROSE : MASK_STATEMENT);
 }
 
 /* The masked form of the message: the statement text in it, masked. */
@@ -715,7 +839,7 @@ mask_message(char *msg, const char *q)
 		return msg;
 	initStringInfo(&out);
 	appendBinaryStringInfo(&out, msg, at - msg);
-	appendStringInfoString(&out, mask_sql(q, false));
+	appendStringInfoString(&out, mask_sql(q, MASK_STATEMENT));
 	appendStringInfoString(&out, at + strlen(q));
 	return out.data;
 }
@@ -768,13 +892,6 @@ defuse_prefix(char *s)
 	return out.data;
 }
 
-/* Mask every quoted string and number in s (for errors about data). */
-static char *
-mask_everything(char *s)
-{
-	return s ? mask_sql(mask_double_quoted(s), false) : NULL;
-}
-
 /* Swap debug_query_string (the STATEMENT line) for a masked copy. */
 static void
 swap_statement(const char *q, char *masked)
@@ -811,7 +928,7 @@ redact_report(ErrorData *edata)
 		{
 			/* DETAIL: "parameters: $1 = '...'" or "prepare: PREPARE ..." */
 			if (edata->detail)
-				edata->detail = mask_sql(edata->detail, false);
+				edata->detail = mask_sql(edata->detail, MASK_PARAMS);
 		}
 		else if (core_error && class == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION)
 		{
@@ -837,20 +954,25 @@ redact_report(ErrorData *edata)
 				edata->message = mask_double_quoted(edata->message);
 			if (edata->detail)
 				edata->detail = pstrdup(MASKED_DETAIL);
-			edata->context = mask_everything(edata->context);
+			/* (JSON data, line 1: ..., COPY ... column ...: values) */
+			if (edata->context)
+				edata->context = pstrdup("(context masked by envelope)");
 		}
 		edata->context = mask_part(edata->context, true, true);
+		/* A deadlock report shows the other sessions' statements. */
+		edata->detail_log = mask_part(edata->detail_log, true, false);
 		edata->internalquery = mask_part(edata->internalquery, true, false);
 
 		/* The STATEMENT line is printed from debug_query_string. */
 		if (!edata->hide_stmt && q != NULL && q != masked_query)
-			swap_statement(q, mask_sql(q, false));
+			swap_statement(q, defuse_prefix(mask_sql(q, MASK_STATEMENT)));
 	}
 	else
 	{
 		/* A PL/pgSQL statement of a function called by an unrelated one. */
 		edata->context = mask_part(edata->context, false, true);
 		edata->internalquery = mask_part(edata->internalquery, false, false);
+		edata->detail_log = mask_part(edata->detail_log, false, false);
 		if (!edata->hide_stmt && q != NULL && q != masked_query &&
 			strstr(q, AUDIT_PREFIX) != NULL)
 			swap_statement(q, defuse_prefix((char *) q));
@@ -896,4 +1018,5 @@ env_redact_init(void)
 {
 	prev_emit_log_hook = emit_log_hook;
 	emit_log_hook = redact_emit_log_hook;
+	RegisterXactCallback(redact_xact_cb, NULL);
 }

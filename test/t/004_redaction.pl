@@ -482,6 +482,101 @@ set_logging(log_statement => 'all', log_min_duration_statement => '-1');
 }
 
 # ---------------------------------------------------------------------------
+# Second review: a decrypting view created while a session is open; a table
+# whose trigger encrypts; backslashes in bind parameters without
+# standard_conforming_strings; quotes inside an invalid value; a deadlock
+# report quoting another session's statement
+# ---------------------------------------------------------------------------
+
+set_logging(log_statement => 'all', log_min_duration_statement => '-1');
+{
+	# A session opened before the view exists knows it before it names it.
+	my $bs = $node->background_psql('postgres', on_error_stop => 0);
+	$bs->query_safe('SELECT 1');
+	$node->safe_psql('postgres',
+		q{CREATE VIEW t_late AS SELECT id, dec_text(v) AS p FROM t});
+	my $s = new_secret();
+	my $off = log_offset();
+	$bs->query(qq{SELECT count(*) FROM t_late WHERE p = '$s'});
+	log_like(log_since($off), qr/LOG:  statement: SELECT count\(\*\) FROM t_late WHERE p = '\*\*\*'/,
+		'a view created after the session started is known at once');
+	no_secret_in_log('a decrypting view created while a session is open', $off);
+	$bs->quit;
+
+	# A new session whose first statement names a decrypting view.
+	$s = new_secret();
+	$off = log_offset();
+	psql_verbose($node, qq{SELECT count(*) FROM t_late WHERE p = '$s'});
+	no_secret_in_log('the first statement of a new session names a decrypting view', $off);
+
+	# A table that a trigger encrypts into: its statements involve envelope.
+	$node->safe_psql('postgres', q{
+CREATE TABLE trig_t (id int, p text, v enc_bytea);
+CREATE FUNCTION trig_t_enc() RETURNS trigger LANGUAGE plpgsql AS
+$$BEGIN NEW.v := enc(NEW.p); NEW.p := NULL; RETURN NEW; END$$;
+CREATE TRIGGER trig_t_enc BEFORE INSERT ON trig_t FOR EACH ROW EXECUTE FUNCTION trig_t_enc();});
+	$s = new_secret();
+	$off = log_offset();
+	psql_verbose($node, qq{INSERT INTO trig_t (id, p) VALUES (1, '$s')});
+	no_secret_in_log('an INSERT into a table whose trigger encrypts', $off);
+}
+{
+	# Bind parameters are quoted without escaping backslashes: with
+	# standard_conforming_strings = off a value ending in \ must not expose
+	# the next one.
+	my $s = new_secret();
+	my $off = log_offset();
+	my ($rc, $out, $err) = pgbench(q{SELECT enc(:a || :b) IS NOT NULL;},
+		'-M', 'extended', '-t', '1', '-D', 'a=ab\\', '-D', "b=$s and more");
+	is($rc, 0, 'pgbench with a backslash at the end of a parameter') or diag($err);
+	$off = log_offset();
+	{
+		local $ENV{PGOPTIONS} = '-c standard_conforming_strings=off';
+		($rc, $out, $err) = pgbench(q{SELECT enc(:a || :b) IS NOT NULL;},
+			'-M', 'extended', '-t', '1', '-D', 'a=ab\\', '-D', "b=$s and more");
+	}
+	is($rc, 0, '... and with standard_conforming_strings = off') or diag($err);
+	no_secret_in_log('bind parameters with a backslash, standard_conforming_strings = off', $off);
+
+	# An invalid value with quotes in it.
+	$s = new_secret();
+	$off = log_offset();
+	($rc, $out, $err) = psql_verbose($node, qq{SELECT dec_text(enc('ab"$s"cd'))::int});
+	like($err, qr/22P02/, 'invalid input with quotes in the value: 22P02 on the client') or diag($err);
+	no_secret_in_log('invalid input with quotes in the value', $off);
+}
+{
+	# A deadlock report (DETAIL, server log only) quotes the other session's
+	# statement.
+	$node->safe_psql('postgres', q{
+CREATE TABLE dl (id int PRIMARY KEY, v enc_bytea);
+INSERT INTO dl VALUES (1, NULL), (2, NULL);
+ALTER SYSTEM SET deadlock_timeout = '100ms';
+SELECT pg_reload_conf();});
+	my ($s1, $s2) = (new_secret(), new_secret());
+	my $off = log_offset();
+	my $a = $node->background_psql('postgres', on_error_stop => 0);
+	my $b = $node->background_psql('postgres', on_error_stop => 0);
+	$a->query('BEGIN');
+	$b->query('BEGIN');
+	$a->query(qq{UPDATE dl SET v = enc('$s1') WHERE id = 1});
+	$b->query(qq{UPDATE dl SET v = enc('$s2') WHERE id = 2});
+	# a waits for b, then b for a: one of them is chosen as the victim
+	$a->{stdin} .= qq{UPDATE dl SET v = enc('$s1') WHERE id = 2;\n};
+	$a->{run}->pump_nb;
+	sleep 1;
+	$b->query(qq{UPDATE dl SET v = enc('$s2') WHERE id = 1});
+	$a->query('ROLLBACK');
+	$b->query('ROLLBACK');
+	$a->quit;
+	$b->quit;
+	my $log = log_since($off);
+	log_like($log, qr/ERROR:  deadlock detected/, 'a deadlock between two envelope statements is logged');
+	no_secret_in_log('a deadlock report', $off);
+	$node->safe_psql('postgres', q{ALTER SYSTEM RESET deadlock_timeout; SELECT pg_reload_conf();});
+}
+
+# ---------------------------------------------------------------------------
 
 no_secret_in_log('the whole log (' . scalar(@secrets) . ' secrets)', 0);
 my $n_masked = () = slurp_file($node->logfile) =~ /$masked/g;
