@@ -457,6 +457,20 @@ rule_relation(Oid rule)
 	return result;
 }
 
+/* A scan of pg_depend for the objects that depend on (classid, objid). */
+static SysScanDesc
+dependents_scan(Relation depRel, Oid classid, Oid objid)
+{
+	ScanKeyData key[2];
+
+	/* (systable_beginscan copies the keys) */
+	ScanKeyInit(&key[0], Anum_pg_depend_refclassid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(classid));
+	ScanKeyInit(&key[1], Anum_pg_depend_refobjid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(objid));
+	return systable_beginscan(depRel, DependReferenceIndexId, true, NULL, 2, key);
+}
+
 /* Add an OID to a growing array, once (at most MAX_VIEWS). */
 static void
 add_oid(Oid **arr, int *n, int *cap, Oid oid)
@@ -478,15 +492,10 @@ add_oid(Oid **arr, int *n, int *cap, Oid oid)
 static void
 dependent_views(Relation depRel, Oid classid, Oid objid, Oid **rels, int *nrels, int *cap)
 {
-	ScanKeyData key[2];
 	SysScanDesc scan;
 	HeapTuple	tup;
 
-	ScanKeyInit(&key[0], Anum_pg_depend_refclassid, BTEqualStrategyNumber,
-				F_OIDEQ, ObjectIdGetDatum(classid));
-	ScanKeyInit(&key[1], Anum_pg_depend_refobjid, BTEqualStrategyNumber,
-				F_OIDEQ, ObjectIdGetDatum(objid));
-	scan = systable_beginscan(depRel, DependReferenceIndexId, true, NULL, 2, key);
+	scan = dependents_scan(depRel, classid, objid);
 	while (HeapTupleIsValid(tup = systable_getnext(scan)))
 	{
 		Form_pg_depend d = (Form_pg_depend) GETSTRUCT(tup);
@@ -512,15 +521,10 @@ typed_relations(Relation depRel, Oid ext, Oid **rels, int *nrels, int *cap)
 	Oid		   *types = palloc(sizeof(Oid) * 16);
 	int			ntypes = 0;
 	int			tcap = 16;
-	ScanKeyData key[2];
 	SysScanDesc scan;
 	HeapTuple	tup;
 
-	ScanKeyInit(&key[0], Anum_pg_depend_refclassid, BTEqualStrategyNumber,
-				F_OIDEQ, ObjectIdGetDatum(ExtensionRelationId));
-	ScanKeyInit(&key[1], Anum_pg_depend_refobjid, BTEqualStrategyNumber,
-				F_OIDEQ, ObjectIdGetDatum(ext));
-	scan = systable_beginscan(depRel, DependReferenceIndexId, true, NULL, 2, key);
+	scan = dependents_scan(depRel, ExtensionRelationId, ext);
 	while (HeapTupleIsValid(tup = systable_getnext(scan)))
 	{
 		Form_pg_depend d = (Form_pg_depend) GETSTRUCT(tup);
@@ -532,11 +536,7 @@ typed_relations(Relation depRel, Oid ext, Oid **rels, int *nrels, int *cap)
 
 	for (int t = 0; t < ntypes; t++)
 	{
-		ScanKeyInit(&key[0], Anum_pg_depend_refclassid, BTEqualStrategyNumber,
-					F_OIDEQ, ObjectIdGetDatum(TypeRelationId));
-		ScanKeyInit(&key[1], Anum_pg_depend_refobjid, BTEqualStrategyNumber,
-					F_OIDEQ, ObjectIdGetDatum(types[t]));
-		scan = systable_beginscan(depRel, DependReferenceIndexId, true, NULL, 2, key);
+			scan = dependents_scan(depRel, TypeRelationId, types[t]);
 		while (HeapTupleIsValid(tup = systable_getnext(scan)))
 		{
 			Form_pg_depend d = (Form_pg_depend) GETSTRUCT(tup);
@@ -562,7 +562,6 @@ views_load(void)
 	static bool callback_registered = false;
 	Oid			ext = get_extension_oid("envelope", true);
 	Relation	depRel;
-	ScanKeyData key[2];
 	SysScanDesc scan;
 	HeapTuple	tup;
 	Oid		   *rels;
@@ -589,11 +588,7 @@ views_load(void)
 	depRel = table_open(DependRelationId, AccessShareLock);
 
 	/* The extension's functions, and the views that call them. */
-	ScanKeyInit(&key[0], Anum_pg_depend_refclassid, BTEqualStrategyNumber,
-				F_OIDEQ, ObjectIdGetDatum(ExtensionRelationId));
-	ScanKeyInit(&key[1], Anum_pg_depend_refobjid, BTEqualStrategyNumber,
-				F_OIDEQ, ObjectIdGetDatum(ext));
-	scan = systable_beginscan(depRel, DependReferenceIndexId, true, NULL, 2, key);
+	scan = dependents_scan(depRel, ExtensionRelationId, ext);
 	while (HeapTupleIsValid(tup = systable_getnext(scan)))
 	{
 		Form_pg_depend d = (Form_pg_depend) GETSTRUCT(tup);
