@@ -81,8 +81,7 @@
 #define MASKED_DETAIL	"Values in this message were masked because the statement uses envelope."
 #define MAX_SCAN		(64 * 1024 * 1024)	/* longer texts are masked whole */
 #define LEARNED_SIZE	256		/* statement texts remembered as involved */
-#define MAX_VIEWS		4096	/* decrypting views remembered per backend */
-#define MAX_WORDS		8		/* leading words kept (EXECUTE <name>) */
+#define MAX_WORDS		8		/* EXECUTE targets looked at per text */
 
 /* Words that make a statement involve envelope. */
 static const char *const envelope_words[] = {
@@ -96,22 +95,35 @@ static int	learned_next = 0;
 static uint64 noted_statement = 0;
 static const char *noted_query = NULL;
 
-static char **view_names = NULL;
-static int	nviews = 0;
-static bool views_valid = false;
+/*
+ * The relations whose statements involve envelope, by name: this backend's
+ * set (add-only: a dropped relation's name stays, which only over-masks).
+ */
+typedef struct NameEntry
+{
+	char		name[NAMEDATALEN];
+	bool		in_shared;		/* already in the shared list */
+} NameEntry;
+
+static HTAB *names_htab = NULL;
+static int	unpublished = 0;	/* entries not yet in the shared list */
+static bool db_known = false;	/* this database's relations were read once */
 static bool views_loading = false;
-static bool views_changed = false;	/* a rule changed since the last read */
+static bool scs_at_start = true;	/* standard_conforming_strings then */
+static bool views_changed = false;	/* a rule or a column changed */
 
 static char *masked_query = NULL;	/* debug_query_string, masked, if we swapped it */
 static char *masked_orig = NULL;	/* ... and a copy of what it replaced */
 
 /*
- * The decrypting views of every database, in shared memory, so the log hook
- * (which must not read catalogs) knows them in a session that has not yet
- * run a statement.  Published by backends that read the catalogs.
+ * The same names for every database, in shared memory, append-only, so the
+ * log hook (which must not read catalogs) of any session knows them: a
+ * session that has not run a statement yet, or one in an open transaction
+ * that has not seen another session's new view.  An entry with an empty
+ * name says the database's relations were read since the server started.
  */
 #define REDACT_TRANCHE		"envelope_redact"
-#define SHARED_VIEWS		4096
+#define SHARED_VIEWS		8192
 
 typedef struct SharedView
 {
@@ -121,29 +133,61 @@ typedef struct SharedView
 
 typedef struct RedactShared
 {
-	uint64		generation;		/* +1 at every publication */
-	int			n;
+	int			n;				/* entries used; only grows */
 	SharedView	views[SHARED_VIEWS];
 } RedactShared;
 
 static RedactShared *redact_shared = NULL;
 static LWLock *redact_lock = NULL;
+static int	shared_read_upto = 0;	/* shared entries already taken */
 static bool in_hook = false;
 
 /* What a scan found. */
 typedef struct ScanResult
 {
 	bool		mentions;		/* names envelope or a decrypting view */
-	int			nwords;
-	char		words[MAX_WORDS][NAMEDATALEN];	/* the first words, normalised */
+	bool		after_execute;	/* the previous word was EXECUTE */
+	int			nexec;
+	char		exec_names[MAX_WORDS][NAMEDATALEN];	/* EXECUTE <name> targets */
 } ScanResult;
 
-/* Syscache callback: a rule changed, so the decrypting views may have. */
+/* Syscache callback: a rule or a column changed, so the relations may have. */
 static void
 views_inval_cb(Datum arg, int cacheid, uint32 hashvalue)
 {
-	views_valid = false;
 	views_changed = true;
+}
+
+/* Add a name to this backend's set. */
+static void
+names_add(const char *name, bool in_shared)
+{
+	NameEntry  *e;
+	bool		found;
+	char		key[NAMEDATALEN];
+
+	if (names_htab == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = NAMEDATALEN;
+		ctl.entrysize = sizeof(NameEntry);
+		names_htab = hash_create("envelope relation names", 256, &ctl,
+								 HASH_ELEM | HASH_STRINGS);
+	}
+	strlcpy(key, name, NAMEDATALEN);
+	e = hash_search(names_htab, key, HASH_ENTER, &found);
+	if (!found)
+	{
+		e->in_shared = in_shared;
+		if (!in_shared)
+			unpublished++;
+	}
+	else if (in_shared && !e->in_shared)
+	{
+		e->in_shared = true;
+		unpublished--;
+	}
 }
 
 /* Is this (normalised) identifier one that makes a statement involved? */
@@ -153,10 +197,7 @@ sensitive_word(const char *w)
 	for (int i = 0; i < (int) lengthof(envelope_words); i++)
 		if (strcmp(w, envelope_words[i]) == 0)
 			return true;
-	for (int i = 0; i < nviews; i++)
-		if (strcmp(w, view_names[i]) == 0)
-			return true;
-	return false;
+	return names_htab != NULL && hash_search(names_htab, w, HASH_FIND, NULL) != NULL;
 }
 
 /* Identifier characters (as the core scanner's ident_cont, plus $). */
@@ -184,8 +225,10 @@ note_word(ScanResult *r, const char *w, int len, bool fold)
 	buf[n] = '\0';
 	if (!r->mentions && sensitive_word(buf))
 		r->mentions = true;
-	if (r->nwords < MAX_WORDS)
-		strlcpy(r->words[r->nwords++], buf, NAMEDATALEN);
+	/* EXECUTE name anywhere (after ;, in EXPLAIN, in CREATE TABLE AS) */
+	if (r->after_execute && r->nexec < MAX_WORDS)
+		strlcpy(r->exec_names[r->nexec++], buf, NAMEDATALEN);
+	r->after_execute = (strcmp(buf, "execute") == 0);
 }
 
 /* How backslashes in '...' are read. */
@@ -232,14 +275,15 @@ scan_sql(const char *s, StringInfo out, bool dq_text, bool stmt_text, ScanResult
 	/*
 	 * With dq_text (prose that quotes SQL in double quotes), numbers are
 	 * masked only inside the quotes: "line 3" stays, "SQL statement \"...\""
-	 * does not.  Without standard_conforming_strings, backslashes escape in
-	 * '...' too, as the server read statement text; other text (parameter
-	 * values, which are quoted without escaping backslashes) could be read
-	 * either way, so a backslash there masks the rest.
+	 * does not.  Without standard_conforming_strings (now, or when the
+	 * statement started: a function's SET or an earlier statement of the
+	 * same string may have changed it), a backslash in '...' could be read
+	 * either way (parameter values are quoted without escaping backslashes),
+	 * so it masks the rest of the text.
 	 */
 	bool		in_dq = false;
-	QuoteEsc	plain_esc = standard_conforming_strings ? ESC_NONE :
-		stmt_text ? ESC_BACKSLASH : ESC_UNKNOWN;
+	QuoteEsc	plain_esc = (standard_conforming_strings && scs_at_start) ?
+		ESC_NONE : ESC_UNKNOWN;
 
 	int			i = 0;
 
@@ -268,6 +312,13 @@ scan_sql(const char *s, StringInfo out, bool dq_text, bool stmt_text, ScanResult
 				else
 					i++;
 			}
+			if (depth > 0)
+			{
+				/* unterminated (or cut short): the rest may be anything */
+				if (out)
+					appendStringInfoString(out, "/* ***");
+				continue;
+			}
 		}
 		else if (c == '\'')
 		{
@@ -287,8 +338,14 @@ scan_sql(const char *s, StringInfo out, bool dq_text, bool stmt_text, ScanResult
 			while (s[i] && !(s[i] == '"' && s[i + 1] != '"'))
 				i += (s[i] == '"') ? 2 : 1;
 			note_word(r, s + start + 1, i - start - 1, false);
-			if (s[i])
-				i++;
+			if (!s[i])
+			{
+				/* unterminated (or cut short): the rest may be anything */
+				if (out)
+					appendStringInfoString(out, "\"***");
+				continue;
+			}
+			i++;
 		}
 		else if (c == '$' && s[i + 1] >= '0' && s[i + 1] <= '9')
 		{
@@ -423,20 +480,6 @@ env_redact_note_use(void)
 	}
 }
 
-/* Add a view's name to the list (TopMemoryContext), once. */
-static void
-add_view(Oid relid, char ***names, int *n)
-{
-	char	   *name = get_rel_name(relid);
-
-	if (name == NULL || *n >= MAX_VIEWS)
-		return;
-	for (int i = 0; i < *n; i++)
-		if (strcmp((*names)[i], name) == 0)
-			return;
-	(*names)[(*n)++] = MemoryContextStrdup(TopMemoryContext, name);
-}
-
 /* The relation a rule (pg_rewrite OID) belongs to, or InvalidOid. */
 static Oid
 rule_relation(Oid rule)
@@ -471,26 +514,50 @@ dependents_scan(Relation depRel, Oid classid, Oid objid)
 	return systable_beginscan(depRel, DependReferenceIndexId, true, NULL, 2, key);
 }
 
-/* Add an OID to a growing array, once (at most MAX_VIEWS). */
-static void
-add_oid(Oid **arr, int *n, int *cap, Oid oid)
+/* OIDs collected while reading the catalogs: an array and a set for dedup. */
+typedef struct OidList
 {
-	for (int i = 0; i < *n; i++)
-		if ((*arr)[i] == oid)
-			return;
-	if (*n >= MAX_VIEWS)
+	Oid		   *oids;
+	int			n;
+	int			cap;
+	HTAB	   *seen;
+} OidList;
+
+/* Add an OID to a list, once. */
+static void
+add_oid(OidList *l, Oid oid)
+{
+	bool		found;
+
+	hash_search(l->seen, &oid, HASH_ENTER, &found);
+	if (found)
 		return;
-	if (*n >= *cap)
+	if (l->n >= l->cap)
 	{
-		*cap *= 2;
-		*arr = repalloc(*arr, sizeof(Oid) * *cap);
+		l->cap *= 2;
+		l->oids = repalloc(l->oids, sizeof(Oid) * l->cap);
 	}
-	(*arr)[(*n)++] = oid;
+	l->oids[l->n++] = oid;
+}
+
+/* A new, empty OID list (in the current memory context). */
+static void
+oidlist_init(OidList *l)
+{
+	HASHCTL		ctl;
+
+	ctl.keysize = sizeof(Oid);
+	ctl.entrysize = sizeof(Oid);
+	ctl.hcxt = CurrentMemoryContext;
+	l->seen = hash_create("envelope oids", 256, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	l->cap = 64;
+	l->n = 0;
+	l->oids = palloc(sizeof(Oid) * l->cap);
 }
 
 /* Relations whose rules depend on the object (classid, objid). */
 static void
-dependent_views(Relation depRel, Oid classid, Oid objid, Oid **rels, int *nrels, int *cap)
+dependent_views(Relation depRel, Oid classid, Oid objid, OidList *rels)
 {
 	SysScanDesc scan;
 	HeapTuple	tup;
@@ -505,7 +572,7 @@ dependent_views(Relation depRel, Oid classid, Oid objid, Oid **rels, int *nrels,
 			continue;
 		ev_class = rule_relation(d->objid);
 		if (OidIsValid(ev_class))
-			add_oid(rels, nrels, cap, ev_class);
+			add_oid(rels, ev_class);
 	}
 	systable_endscan(scan);
 }
@@ -516,39 +583,37 @@ dependent_views(Relation depRel, Oid classid, Oid objid, Oid **rels, int *nrels,
  * into them by triggers.
  */
 static void
-typed_relations(Relation depRel, Oid ext, Oid **rels, int *nrels, int *cap)
+typed_relations(Relation depRel, Oid ext, OidList *rels)
 {
-	Oid		   *types = palloc(sizeof(Oid) * 16);
-	int			ntypes = 0;
-	int			tcap = 16;
+	OidList		types;
 	SysScanDesc scan;
 	HeapTuple	tup;
 
+	oidlist_init(&types);
 	scan = dependents_scan(depRel, ExtensionRelationId, ext);
 	while (HeapTupleIsValid(tup = systable_getnext(scan)))
 	{
 		Form_pg_depend d = (Form_pg_depend) GETSTRUCT(tup);
 
 		if (d->classid == TypeRelationId && d->deptype == DEPENDENCY_EXTENSION)
-			add_oid(&types, &ntypes, &tcap, d->objid);
+			add_oid(&types, d->objid);
 	}
 	systable_endscan(scan);
 
-	for (int t = 0; t < ntypes; t++)
+	for (int t = 0; t < types.n; t++)
 	{
-			scan = dependents_scan(depRel, TypeRelationId, types[t]);
+			scan = dependents_scan(depRel, TypeRelationId, types.oids[t]);
 		while (HeapTupleIsValid(tup = systable_getnext(scan)))
 		{
 			Form_pg_depend d = (Form_pg_depend) GETSTRUCT(tup);
 
 			if (d->classid == TypeRelationId)
-				add_oid(&types, &ntypes, &tcap, d->objid);	/* domain, array */
+				add_oid(&types, d->objid);	/* domain, array */
 			else if (d->classid == RelationRelationId && d->objsubid > 0)
-				add_oid(rels, nrels, cap, d->objid);	/* a column */
+				add_oid(rels, d->objid);	/* a column */
 		}
 		systable_endscan(scan);
 	}
-	pfree(types);
 }
 
 /*
@@ -559,63 +624,66 @@ typed_relations(Relation depRel, Oid ext, Oid **rels, int *nrels, int *cap)
 static void
 views_load(void)
 {
-	static bool callback_registered = false;
 	Oid			ext = get_extension_oid("envelope", true);
-	Relation	depRel;
-	SysScanDesc scan;
-	HeapTuple	tup;
-	Oid		   *rels;
-	int			nrels = 0;
-	int			cap = 64;
-	char	  **names;
-	int			n = 0;
+	MemoryContext tmp;
+	MemoryContext old;
 
-	if (!callback_registered)
-	{
-		CacheRegisterSyscacheCallback(RULERELNAME, views_inval_cb, (Datum) 0);
-		/* (a column added or dropped: maybe one of envelope's types) */
-		CacheRegisterSyscacheCallback(ATTNUM, views_inval_cb, (Datum) 0);
-		callback_registered = true;
-	}
-	for (int i = 0; i < nviews; i++)
-		pfree(view_names[i]);
-	nviews = 0;
-	views_valid = true;
+	/* Changes made after this point are seen by the next load. */
+	views_changed = false;
 	if (!OidIsValid(ext))
-		return;
-
-	rels = palloc(sizeof(Oid) * cap);
-	depRel = table_open(DependRelationId, AccessShareLock);
-
-	/* The extension's functions, and the views that call them. */
-	scan = dependents_scan(depRel, ExtensionRelationId, ext);
-	while (HeapTupleIsValid(tup = systable_getnext(scan)))
 	{
-		Form_pg_depend d = (Form_pg_depend) GETSTRUCT(tup);
-
-		if (d->classid == ProcedureRelationId && d->deptype == DEPENDENCY_EXTENSION)
-		{
-			Oid			fn = d->objid;
-
-			/* The scan's tuple is not kept across the nested scan. */
-			dependent_views(depRel, ProcedureRelationId, fn, &rels, &nrels, &cap);
-		}
+		db_known = true;
+		return;
 	}
-	systable_endscan(scan);
 
-	/* Tables with envelope's types, and views over all of those. */
-	typed_relations(depRel, ext, &rels, &nrels, &cap);
-	for (int i = 0; i < nrels; i++)
-		dependent_views(depRel, RelationRelationId, rels[i], &rels, &nrels, &cap);
-	table_close(depRel, AccessShareLock);
+	/* Built aside: an error (lock timeout, cancel) changes nothing. */
+	tmp = AllocSetContextCreate(CurrentMemoryContext, "envelope relation names",
+								ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(tmp);
+	PG_TRY();
+	{
+		Relation	depRel = table_open(DependRelationId, AccessShareLock);
+		SysScanDesc scan;
+		HeapTuple	tup;
+		OidList		rels;
 
-	if (view_names == NULL)
-		view_names = MemoryContextAlloc(TopMemoryContext, sizeof(char *) * MAX_VIEWS);
-	names = view_names;
-	for (int i = 0; i < nrels; i++)
-		add_view(rels[i], &names, &n);
-	nviews = n;
-	pfree(rels);
+		oidlist_init(&rels);
+
+		/* The extension's functions, and the views that call them. */
+		scan = dependents_scan(depRel, ExtensionRelationId, ext);
+		while (HeapTupleIsValid(tup = systable_getnext(scan)))
+		{
+			Form_pg_depend d = (Form_pg_depend) GETSTRUCT(tup);
+
+			if (d->classid == ProcedureRelationId && d->deptype == DEPENDENCY_EXTENSION)
+				dependent_views(depRel, ProcedureRelationId, d->objid, &rels);
+		}
+		systable_endscan(scan);
+
+		/* Tables with envelope's types, and views over all of those. */
+		typed_relations(depRel, ext, &rels);
+		for (int i = 0; i < rels.n; i++)
+			dependent_views(depRel, RelationRelationId, rels.oids[i], &rels);
+		table_close(depRel, AccessShareLock);
+
+		MemoryContextSwitchTo(old);
+		for (int i = 0; i < rels.n; i++)
+		{
+			char	   *name = get_rel_name(rels.oids[i]);
+
+			if (name)
+				names_add(name, false);
+		}
+		db_known = true;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(old);
+		views_changed = true;	/* try again at the next statement */
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	MemoryContextDelete(tmp);
 }
 
 /* Shared memory: request the lock (from the shmem_request_hook). */
@@ -644,95 +712,102 @@ env_redact_shmem_init(void)
 		memset(redact_shared, 0, sizeof(RedactShared));
 }
 
-/* Replace this database's entries in the shared list by our fresh list. */
+/* Take the shared entries added since we last looked (caller holds the lock). */
+static void
+take_shared_locked(void)
+{
+	for (; shared_read_upto < redact_shared->n; shared_read_upto++)
+	{
+		SharedView *v = &redact_shared->views[shared_read_upto];
+
+		if (v->db != MyDatabaseId)
+			continue;
+		if (v->name[0] == '\0')
+			db_known = true;
+		else
+			names_add(v->name, true);
+	}
+}
+
+/* Append our names that the shared list lacks (and mark the database read). */
 static void
 views_publish(void)
 {
 	static bool warned = false;
 	bool		overflow = false;
-	int			j = 0;
+	bool		marked = false;
 
 	if (redact_shared == NULL)
 		return;
 	LWLockAcquire(redact_lock, LW_EXCLUSIVE);
+	take_shared_locked();
 	for (int i = 0; i < redact_shared->n; i++)
-		if (redact_shared->views[i].db != MyDatabaseId)
-			redact_shared->views[j++] = redact_shared->views[i];
-	for (int i = 0; i < nviews; i++, j++)
+		marked |= (redact_shared->views[i].db == MyDatabaseId &&
+				   redact_shared->views[i].name[0] == '\0');
+	if (!marked && redact_shared->n < SHARED_VIEWS)
 	{
-		if (j >= SHARED_VIEWS)
-		{
-			overflow = true;
-			break;
-		}
-		redact_shared->views[j].db = MyDatabaseId;
-		strlcpy(redact_shared->views[j].name, view_names[i], NAMEDATALEN);
+		redact_shared->views[redact_shared->n].db = MyDatabaseId;
+		redact_shared->views[redact_shared->n].name[0] = '\0';
+		redact_shared->n++;
 	}
-	redact_shared->n = j;
-	redact_shared->generation++;
+	if (unpublished > 0 && names_htab != NULL)
+	{
+		HASH_SEQ_STATUS st;
+		NameEntry  *e;
+
+		hash_seq_init(&st, names_htab);
+		while ((e = hash_seq_search(&st)) != NULL)
+		{
+			if (e->in_shared)
+				continue;
+			if (redact_shared->n >= SHARED_VIEWS)
+			{
+				overflow = true;
+				continue;
+			}
+			redact_shared->views[redact_shared->n].db = MyDatabaseId;
+			strlcpy(redact_shared->views[redact_shared->n].name, e->name, NAMEDATALEN);
+			redact_shared->n++;
+			e->in_shared = true;
+			unpublished--;
+		}
+	}
+	shared_read_upto = redact_shared->n;
 	LWLockRelease(redact_lock);
 	if (overflow && !warned)
 	{
 		warned = true;
 		ereport(WARNING,
 				(errmsg("too many relations hold or decrypt envelope values to share their names"),
-				 errdetail("The log redaction hook of new sessions knows at most %d of them until they run a statement.",
+				 errdetail("The log redaction hook shares at most %d names; sessions that have not read them from the catalogs mask only what they know.",
 						   SHARED_VIEWS)));
 	}
 }
 
 /*
- * In the log hook, while this session's own list is not fresh: take the
- * shared list if it changed since we last did.  Never waits: the hook may run
- * where waiting is impossible (after the PGPROC is gone, for the disconnect
- * line), so if the lock is busy the current list is used.
+ * Take what other sessions published since we last looked.  Called from the
+ * log hook too: it waits for the lock only while this process has a PGPROC
+ * (not for the disconnection line written after it is gone), and reads the
+ * count first without the lock, so the usual case costs one comparison.
  */
 static void
 views_from_shared(void)
 {
-	static uint64 seen_generation = 0;
-	int			n = 0;
-
 	if (redact_shared == NULL || MyProc == NULL || !OidIsValid(MyDatabaseId))
 		return;
-	if (!LWLockConditionalAcquire(redact_lock, LW_SHARED))
+	pg_read_barrier();
+	if (redact_shared->n == shared_read_upto)
 		return;
-	if (redact_shared->generation != seen_generation)
-	{
-		if (view_names == NULL)
-			view_names = MemoryContextAlloc(TopMemoryContext, sizeof(char *) * MAX_VIEWS);
-		for (int i = 0; i < nviews; i++)
-			pfree(view_names[i]);
-		for (int i = 0; i < redact_shared->n && n < MAX_VIEWS; i++)
-			if (redact_shared->views[i].db == MyDatabaseId)
-				view_names[n++] = MemoryContextStrdup(TopMemoryContext,
-													  redact_shared->views[i].name);
-		nviews = n;
-		seen_generation = redact_shared->generation;
-	}
+	LWLockAcquire(redact_lock, LW_SHARED);
+	take_shared_locked();
 	LWLockRelease(redact_lock);
 }
 
-/*
- * Before a transaction that changed a view commits: read the list again and
- * publish it, so other sessions' log hooks know a new decrypting view before
- * they can use it.
- */
+/* Read the catalogs and publish what they show (in a transaction). */
 static void
-redact_xact_cb(XactEvent event, void *arg)
+views_refresh_now(void)
 {
-	if (event == XACT_EVENT_PRE_COMMIT && !views_valid && views_changed)
-	{
-		env_redact_refresh();
-		views_changed = false;
-	}
-}
-
-/* At a statement boundary: refresh the names of decrypting views. */
-void
-env_redact_refresh(void)
-{
-	if (views_valid || views_loading || !IsTransactionState() ||
+	if (views_loading || !IsTransactionState() ||
 		IsAbortedTransactionBlockState() || !OidIsValid(MyDatabaseId))
 		return;
 	views_loading = true;
@@ -748,6 +823,46 @@ env_redact_refresh(void)
 	PG_END_TRY();
 }
 
+/*
+ * Before a transaction that changed views or columns commits: read the
+ * catalogs and publish, so every session's log hook knows a new relation
+ * before it can be used.  Only a transaction that wrote something can have
+ * made such a change; others merely saw another session's invalidation,
+ * whose author publishes.
+ */
+static void
+redact_xact_cb(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_PRE_COMMIT && views_changed &&
+		GetTopTransactionIdIfAny() != InvalidTransactionId)
+		views_refresh_now();
+}
+
+/*
+ * At a top-level statement start: take what others published; read the
+ * catalogs if nobody has for this database since the server started, or if
+ * this transaction changed views or columns (they are visible only to it).
+ */
+void
+env_redact_refresh(void)
+{
+	static bool callback_registered = false;
+
+	/* Every backend must hear of changes, also one that never reads them. */
+	if (!callback_registered)
+	{
+		CacheRegisterSyscacheCallback(RULERELNAME, views_inval_cb, (Datum) 0);
+		/* (a column added or dropped: maybe one of envelope's types) */
+		CacheRegisterSyscacheCallback(ATTNUM, views_inval_cb, (Datum) 0);
+		callback_registered = true;
+	}
+	scs_at_start = standard_conforming_strings;
+	views_from_shared();
+	if (!db_known ||
+		(views_changed && GetTopTransactionIdIfAny() != InvalidTransactionId))
+		views_refresh_now();
+}
+
 /* Does the statement text involve envelope? */
 static bool
 text_involved(const char *q)
@@ -761,20 +876,19 @@ text_involved(const char *q)
 	scan_sql(q, NULL, false, true, &r);
 	if (r.mentions)
 		return true;
-	/* EXECUTE name: look at the prepared statement's text. */
-	if (r.nwords >= 2 && strcmp(r.words[0], "execute") == 0)
+	/* EXECUTE name (anywhere): look at the prepared statements' texts. */
+	for (int k = 0; k < r.nexec; k++)
 	{
-		PreparedStatement *ps = FetchPreparedStatement(r.words[1], false);
+		PreparedStatement *ps = FetchPreparedStatement(r.exec_names[k], false);
+		ScanResult	pr;
 
-		if (ps && ps->plansource && ps->plansource->query_string)
-		{
-			const char *pq = ps->plansource->query_string;
-
-			if (learned_text(pq))
-				return true;
-			scan_sql(pq, NULL, false, true, &r);
-			return r.mentions;
-		}
+		if (ps == NULL || ps->plansource == NULL || ps->plansource->query_string == NULL)
+			continue;
+		if (learned_text(ps->plansource->query_string))
+			return true;
+		scan_sql(ps->plansource->query_string, NULL, false, true, &pr);
+		if (pr.mentions)
+			return true;
 	}
 	return false;
 }
@@ -911,11 +1025,24 @@ redact_report(ErrorData *edata)
 	int			class = ERRCODE_TO_CATEGORY(edata->sqlerrcode);
 	bool		core_error = edata->elevel >= ERROR && core_report(edata);
 
-	/* A new session knows the decrypting views from shared memory. */
-	if (!views_valid)
-		views_from_shared();
+	bool		involved;
+	ScanResult	dr;
 
-	if (text_involved(q))
+	/* What other sessions published (new relations), if anything. */
+	views_from_shared();
+
+	involved = text_involved(q);
+	/* EXECUTE's "prepare:" DETAIL shows what the prepared statement does. */
+	if (!involved && statement_log_line(edata) && edata->detail)
+	{
+		scan_sql(edata->detail, NULL, false, true, &dr);
+		involved = dr.mentions;
+	}
+	/* Before this database's relations are known: fail closed. */
+	if (!involved && q != NULL && !db_known && OidIsValid(MyDatabaseId))
+		involved = true;
+
+	if (involved)
 	{
 		if (edata->message)
 			edata->message = mask_message(edata->message, q);
@@ -930,6 +1057,9 @@ redact_report(ErrorData *edata)
 			/* "Failing row contains (...)", "Key (...)=(...)": values. */
 			if (edata->detail)
 				edata->detail = pstrdup(MASKED_DETAIL);
+			/* (COPY t, line 2: "..." shows the input line) */
+			if (edata->context)
+				edata->context = pstrdup("(context masked by envelope)");
 		}
 		else if (core_error &&
 				 ((class == ERRCODE_DATA_EXCEPTION &&
@@ -953,7 +1083,15 @@ redact_report(ErrorData *edata)
 			if (edata->context)
 				edata->context = pstrdup("(context masked by envelope)");
 		}
+		else if (core_error && edata->sqlerrcode == ERRCODE_SYNTAX_ERROR && edata->message)
+		{
+			/* syntax error at or near "'...": the token may be a literal */
+			edata->message = mask_double_quoted(edata->message);
+		}
 		edata->context = mask_part(edata->context, true, true);
+		/* Any error during COPY quotes the input line in its context. */
+		if (edata->elevel >= ERROR && edata->context && strstr(edata->context, "COPY ") != NULL)
+			edata->context = mask_double_quoted(edata->context);
 		/* A deadlock report shows the other sessions' statements. */
 		edata->detail_log = mask_part(edata->detail_log, true, false);
 		edata->internalquery = mask_part(edata->internalquery, true, false);

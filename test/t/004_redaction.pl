@@ -577,6 +577,62 @@ SELECT pg_reload_conf();});
 }
 
 # ---------------------------------------------------------------------------
+# Third review: EXECUTE not at the start; COPY input lines in a CONTEXT; a
+# dropped view whose drop was rolled back; a session in an open transaction
+# meeting a new view; standard_conforming_strings changed by a function;
+# unterminated quoted identifiers; syntax errors quoting a literal
+# ---------------------------------------------------------------------------
+
+set_logging(log_statement => 'all', log_min_duration_statement => '-1');
+{
+	$node->safe_psql('postgres', q{
+CREATE TABLE cp_t (id int PRIMARY KEY, p text, v enc_bytea);
+CREATE TRIGGER cp_t_enc BEFORE INSERT ON cp_t FOR EACH ROW EXECUTE FUNCTION trig_t_enc();
+CREATE FUNCTION scs_off_fail() RETURNS int LANGUAGE sql SET standard_conforming_strings = off
+	AS $$SELECT 1 / 0$$;});
+	my @s = map { new_secret() } 1 .. 8;
+	my $off = log_offset();
+	psql_verbose($node, "PREPARE px AS SELECT enc(\$1) IS NOT NULL;\nSELECT 1; EXECUTE px('$s[0]');\n"
+		  . "EXPLAIN ANALYZE EXECUTE px('$s[1]');");
+	no_secret_in_log('EXECUTE after another statement, and EXPLAIN ANALYZE EXECUTE', $off);
+
+	$off = log_offset();
+	my ($rc, $out, $err) = psql_verbose($node, "COPY cp_t (id, p) FROM STDIN;\n1\t$s[2]\n1\t$s[3]\n\\.\n");
+	like($err, qr/23505/, 'COPY into a table whose trigger encrypts: duplicate key (23505)') or diag($err);
+	no_secret_in_log('COPY input lines in the CONTEXT of an error', $off);
+
+	$off = log_offset();
+	psql_verbose($node, "BEGIN;\nDROP VIEW t_late;\nSELECT 1;\nROLLBACK;");
+	psql_verbose($node, "SELECT count(*) FROM t_late WHERE p = '$s[4]'");
+	no_secret_in_log('a view whose DROP was rolled back', $off);
+
+	my $bs = $node->background_psql('postgres', on_error_stop => 0);
+	$bs->query_safe('BEGIN');
+	$bs->query_safe('SELECT 1');
+	$node->safe_psql('postgres', q{CREATE VIEW t_later AS SELECT id, dec_text(v) AS p FROM t});
+	$off = log_offset();
+	$bs->query(qq{SELECT count(*) FROM t_later WHERE p = '$s[5]'});
+	$bs->query('COMMIT');
+	$bs->quit;
+	no_secret_in_log('a session in an open transaction meets a view created meanwhile', $off);
+
+	$off = log_offset();
+	($rc, $out, $err) = psql_verbose($node, "SELECT 'x\\', enc('$s[6]'), scs_off_fail();");
+	like($err, qr/22012/, 'a function that turns standard_conforming_strings off fails (22012)') or diag($err);
+	no_secret_in_log('standard_conforming_strings changed by a function', $off);
+
+	$off = log_offset();
+	($rc, $out, $err) = psql_verbose($node, qq{SELECT enc('a'), "oops, enc('$s[7]')});
+	no_secret_in_log('an unterminated quoted identifier', $off);
+
+	my $s8 = new_secret();
+	$off = log_offset();
+	($rc, $out, $err) = psql_verbose($node, qq{SELECT enc('a'), 1 '$s8'});
+	like($err, qr/42601/, 'a syntax error at a literal (42601)') or diag($err);
+	no_secret_in_log('a syntax error quoting a literal', $off);
+}
+
+# ---------------------------------------------------------------------------
 
 no_secret_in_log('the whole log (' . scalar(@secrets) . ' secrets)', 0);
 my $n_masked = () = slurp_file($node->logfile) =~ /$masked/g;
