@@ -322,7 +322,11 @@ env_authz_drop_owned(List *roles)
 	{
 		Oid			role = get_rolespec_oid(lfirst(lc), true);
 
-		for (int i = 0; OidIsValid(role) && i < ngrants; i++)
+		bool		listed = false;
+
+		for (int r = 0; r < n; r++)
+			listed |= (oids[r] == role);
+		for (int i = 0; OidIsValid(role) && !listed && i < ngrants; i++)
 			if (grants[i].grantee == role)
 			{
 				oids[n++] = role;
@@ -330,7 +334,11 @@ env_authz_drop_owned(List *roles)
 			}
 	}
 	if (n == 0)
+	{
+		pfree(oids);
+		pfree(deleted);
 		return;
+	}
 
 	/*
 	 * DROP OWNED BY checked that the caller may act for these roles; the
@@ -372,7 +380,10 @@ env_authz_drop_owned(List *roles)
 		appendStringInfo(&extra, ", \"privileges\": " UINT64_FORMAT ", \"by\": \"DROP OWNED\"}",
 						 deleted[r]);
 		env_audit("revoke", NULL, 0, extra.data);
+		pfree(extra.data);
 	}
+	pfree(oids);
+	pfree(deleted);
 }
 
 /* Raise 42501 unless the current user may manage KEKs (what: the action). */

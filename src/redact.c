@@ -17,9 +17,11 @@
  *
  * A statement involves envelope when
  *	- its text names enc, dec, dec_text, dec_bytea, rewrap, enc_bytea or the
- *	  schema envelope, or a view that decrypts (one whose rules depend on
- *	  envelope's functions, such as a clear view, or on such a view);
- *	- it is EXECUTE of a prepared statement that involves envelope; or
+ *	  schema envelope, or a "sensitive relation": a view whose rules depend
+ *	  on envelope's functions (a clear view), a table with a column of
+ *	  envelope's types (a trigger may encrypt what is written), or a view
+ *	  over those;
+ *	- it EXECUTEs (anywhere in its text) a prepared statement that does; or
  *	- running it called enc(), dec() or rewrap() (a wrapper function): the
  *	  text's hash is remembered, so later log lines of it and later runs of
  *	  the same text are masked.  Lines logged before execution (log_statement)
@@ -30,10 +32,16 @@
  * The hook must not raise: it runs inside error reporting.  So literals are
  * found by a small scanner of its own (quotes, E'' strings, dollar quotes,
  * comments, numbers) that cannot fail, instead of the core scanner, which
- * raises on malformed input, and it reads no catalogs.  The names of
- * decrypting views are read from the catalogs at statement boundaries and
- * published in shared memory (per database), where the hook of a session
- * that has not run a statement yet finds them under a shared LWLock.
+ * raises on malformed input; where it cannot tell how text reads (a
+ * backslash without standard_conforming_strings, an unterminated comment)
+ * it masks the rest.  It reads no catalogs.  Sensitive relations are read
+ * from the catalogs by a session whose transaction changed views or columns
+ * (at statement start and before commit) and by the first session of a
+ * database after the server started, and appended to an append-only list in
+ * shared memory (LWLock "envelope_redact"; names are never removed, which
+ * only over-masks); every session's hook takes in what was appended since
+ * it last looked.  Until a database's relations were read once, every
+ * statement of it is masked (fail closed).
  *
  * Only envelope writes lines that look like audit records: any other report
  * (or statement text) containing "ENVELOPE AUDIT: " has it defused, so a
