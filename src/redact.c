@@ -841,8 +841,8 @@ views_refresh_now(void)
 static void
 redact_xact_cb(XactEvent event, void *arg)
 {
-	if (event == XACT_EVENT_PRE_COMMIT && views_changed &&
-		GetTopTransactionIdIfAny() != InvalidTransactionId)
+	if ((event == XACT_EVENT_PRE_COMMIT || event == XACT_EVENT_PRE_PREPARE) &&
+		views_changed && GetTopTransactionIdIfAny() != InvalidTransactionId)
 		views_refresh_now();
 }
 
