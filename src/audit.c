@@ -731,6 +731,10 @@ audit_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
 
 	if (top)
 		audit_statement_start();
+	if (!IsA(pstmt->utilityStmt, TransactionStmt) &&
+		!IsA(pstmt->utilityStmt, VariableSetStmt) &&
+		!IsA(pstmt->utilityStmt, VariableShowStmt))
+		env_redact_note_utility();
 	if (IsA(pstmt->utilityStmt, DropRoleStmt))
 		env_authz_check_drop_role(((DropRoleStmt *) pstmt->utilityStmt)->roles);
 	nesting_level++;

@@ -56,6 +56,7 @@
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/indexing.h"
 #include "catalog/dependency.h"
 #include "catalog/pg_class.h"
@@ -118,6 +119,8 @@ static int	unpublished = 0;	/* entries not yet in the shared list */
 static bool db_known = false;	/* this database's relations were read once */
 static bool views_loading = false;
 static bool scs_at_start = true;	/* standard_conforming_strings then */
+static bool scs_ever_off = false;	/* it was off at some point in this session */
+static bool ddl_in_xact = false;	/* a utility statement ran in this transaction */
 static bool views_changed = false;	/* a rule or a column changed */
 
 static char *masked_query = NULL;	/* debug_query_string, masked, if we swapped it */
@@ -142,6 +145,7 @@ typedef struct SharedView
 typedef struct RedactShared
 {
 	int			n;				/* entries used; only grows */
+	bool		overflowed;		/* a name did not fit: sentinels mean nothing */
 	SharedView	views[SHARED_VIEWS];
 } RedactShared;
 
@@ -290,7 +294,7 @@ scan_sql(const char *s, StringInfo out, bool dq_text, bool stmt_text, ScanResult
 	 * so it masks the rest of the text.
 	 */
 	bool		in_dq = false;
-	QuoteEsc	plain_esc = (standard_conforming_strings && scs_at_start) ?
+	QuoteEsc	plain_esc = (standard_conforming_strings && scs_at_start && !scs_ever_off) ?
 		ESC_NONE : ESC_UNKNOWN;
 
 	int			i = 0;
@@ -720,24 +724,65 @@ env_redact_shmem_init(void)
 		memset(redact_shared, 0, sizeof(RedactShared));
 }
 
-/* Take the shared entries added since we last looked (caller holds the lock). */
-static void
-take_shared_locked(void)
-{
-	for (; shared_read_upto < redact_shared->n; shared_read_upto++)
-	{
-		SharedView *v = &redact_shared->views[shared_read_upto];
+/*
+ * Take the shared entries added since we last looked.  Names are copied out
+ * in small batches under the shared lock and added to our set after it is
+ * released: nothing that can fail (allocate) runs while the lock is held, so
+ * an error can never leave this backend waiting for its own lock.  Returns
+ * false if the list could not be read (the lock is ours already, or busy and
+ * we must not wait).
+ */
+#define TAKE_BATCH 64
 
-		if (v->db != MyDatabaseId)
-			continue;
-		if (v->name[0] == '\0')
+static bool
+views_from_shared(bool may_wait)
+{
+	if (redact_shared == NULL || MyProc == NULL || !OidIsValid(MyDatabaseId))
+		return true;
+	for (;;)
+	{
+		char		batch[TAKE_BATCH][NAMEDATALEN];
+		int			nb = 0;
+		bool		sentinel = false;
+		bool		overflowed;
+
+		pg_read_barrier();
+		if (redact_shared->n == shared_read_upto)
+			return true;
+		if (LWLockHeldByMe(redact_lock))
+			return false;
+		if (may_wait)
+			LWLockAcquire(redact_lock, LW_SHARED);
+		else if (!LWLockConditionalAcquire(redact_lock, LW_SHARED))
+			return false;
+		for (; shared_read_upto < redact_shared->n && nb < TAKE_BATCH; shared_read_upto++)
+		{
+			SharedView *v = &redact_shared->views[shared_read_upto];
+
+			if (v->db != MyDatabaseId)
+				continue;
+			if (v->name[0] == '\0')
+				sentinel = true;
+			else
+				memcpy(batch[nb++], v->name, NAMEDATALEN);
+		}
+		overflowed = redact_shared->overflowed;
+		LWLockRelease(redact_lock);
+
+		for (int k = 0; k < nb; k++)
+			names_add(batch[k], true);
+		/*
+		 * A full list misses names: then only our own catalog read counts.
+		 * So does it on a standby, whose catalog changes arrive by WAL with
+		 * nobody there to publish them: each session reads the catalogs at
+		 * its first statement (masking until then).
+		 */
+		if (sentinel && !overflowed && !RecoveryInProgress())
 			db_known = true;
-		else
-			names_add(v->name, true);
 	}
 }
 
-/* Append our names that the shared list lacks (and mark the database read). */
+/* Append our names that the shared list lacks, then mark the database read. */
 static void
 views_publish(void)
 {
@@ -747,17 +792,10 @@ views_publish(void)
 
 	if (redact_shared == NULL)
 		return;
+	(void) views_from_shared(true);
+
+	/* (nothing below allocates: the lock is held) */
 	LWLockAcquire(redact_lock, LW_EXCLUSIVE);
-	take_shared_locked();
-	for (int i = 0; i < redact_shared->n; i++)
-		marked |= (redact_shared->views[i].db == MyDatabaseId &&
-				   redact_shared->views[i].name[0] == '\0');
-	if (!marked && redact_shared->n < SHARED_VIEWS)
-	{
-		redact_shared->views[redact_shared->n].db = MyDatabaseId;
-		redact_shared->views[redact_shared->n].name[0] = '\0';
-		redact_shared->n++;
-	}
 	if (unpublished > 0 && names_htab != NULL)
 	{
 		HASH_SEQ_STATUS st;
@@ -780,35 +818,27 @@ views_publish(void)
 			unpublished--;
 		}
 	}
-	shared_read_upto = redact_shared->n;
+	if (overflow)
+		redact_shared->overflowed = true;
+	for (int i = 0; i < redact_shared->n && !marked; i++)
+		marked = (redact_shared->views[i].db == MyDatabaseId &&
+				  redact_shared->views[i].name[0] == '\0');
+	/* The database is marked read only once all its names are in. */
+	if (!marked && !overflow && redact_shared->n < SHARED_VIEWS)
+	{
+		redact_shared->views[redact_shared->n].db = MyDatabaseId;
+		redact_shared->views[redact_shared->n].name[0] = '\0';
+		redact_shared->n++;
+	}
 	LWLockRelease(redact_lock);
 	if (overflow && !warned)
 	{
 		warned = true;
 		ereport(WARNING,
 				(errmsg("too many relations hold or decrypt envelope values to share their names"),
-				 errdetail("The log redaction hook shares at most %d names; sessions that have not read them from the catalogs mask only what they know.",
+				 errdetail("The log redaction hook shares at most %d names; sessions now read the catalogs themselves.",
 						   SHARED_VIEWS)));
 	}
-}
-
-/*
- * Take what other sessions published since we last looked.  Called from the
- * log hook too: it waits for the lock only while this process has a PGPROC
- * (not for the disconnection line written after it is gone), and reads the
- * count first without the lock, so the usual case costs one comparison.
- */
-static void
-views_from_shared(void)
-{
-	if (redact_shared == NULL || MyProc == NULL || !OidIsValid(MyDatabaseId))
-		return;
-	pg_read_barrier();
-	if (redact_shared->n == shared_read_upto)
-		return;
-	LWLockAcquire(redact_lock, LW_SHARED);
-	take_shared_locked();
-	LWLockRelease(redact_lock);
 }
 
 /* Read the catalogs and publish what they show (in a transaction). */
@@ -832,24 +862,49 @@ views_refresh_now(void)
 }
 
 /*
- * Before a transaction that changed views or columns commits: read the
- * catalogs and publish, so every session's log hook knows a new relation
- * before it can be used.  Only a transaction that wrote something can have
- * made such a change; others merely saw another session's invalidation,
- * whose author publishes.
+ * Must this session read the catalogs now?  When nobody has for this
+ * database (or the shared list overflowed and we have not), or when views or
+ * columns changed and either this transaction ran DDL (so only it can see
+ * the change yet) or this is a standby (whose changes come from the primary,
+ * where nobody publishes for it).  Other sessions' invalidations alone do not
+ * make a session read: their authors publish.
+ */
+static bool
+views_must_load(void)
+{
+	if (!db_known)
+		return true;
+	if (!views_changed)
+		return false;
+	return ddl_in_xact || RecoveryInProgress();
+}
+
+/*
+ * Before a transaction that changed views or columns commits (or prepares):
+ * read the catalogs and publish, so every session's log hook knows a new
+ * relation before it can be used.
  */
 static void
 redact_xact_cb(XactEvent event, void *arg)
 {
 	if ((event == XACT_EVENT_PRE_COMMIT || event == XACT_EVENT_PRE_PREPARE) &&
-		views_changed && GetTopTransactionIdIfAny() != InvalidTransactionId)
+		views_changed && ddl_in_xact)
 		views_refresh_now();
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
+		event == XACT_EVENT_PREPARE)
+		ddl_in_xact = false;
+}
+
+/* A utility statement runs in this transaction (from the ProcessUtility hook). */
+void
+env_redact_note_utility(void)
+{
+	ddl_in_xact = true;
 }
 
 /*
  * At a top-level statement start: take what others published; read the
- * catalogs if nobody has for this database since the server started, or if
- * this transaction changed views or columns (they are visible only to it).
+ * catalogs if views_must_load() says so.
  */
 void
 env_redact_refresh(void)
@@ -862,12 +917,14 @@ env_redact_refresh(void)
 		CacheRegisterSyscacheCallback(RULERELNAME, views_inval_cb, (Datum) 0);
 		/* (a column added or dropped: maybe one of envelope's types) */
 		CacheRegisterSyscacheCallback(ATTNUM, views_inval_cb, (Datum) 0);
+		names_add("", true);	/* create the set now, not in the hook */
 		callback_registered = true;
 	}
 	scs_at_start = standard_conforming_strings;
-	views_from_shared();
-	if (!db_known ||
-		(views_changed && GetTopTransactionIdIfAny() != InvalidTransactionId))
+	if (!scs_at_start)
+		scs_ever_off = true;
+	(void) views_from_shared(true);
+	if (views_must_load())
 		views_refresh_now();
 }
 
@@ -1037,7 +1094,7 @@ redact_report(ErrorData *edata)
 	ScanResult	dr;
 
 	/* What other sessions published (new relations), if anything. */
-	views_from_shared();
+	bool		shared_ok = views_from_shared(false);
 
 	involved = text_involved(q);
 	/* EXECUTE's "prepare:" DETAIL shows what the prepared statement does. */
@@ -1046,9 +1103,14 @@ redact_report(ErrorData *edata)
 		scan_sql(edata->detail, NULL, false, true, &dr);
 		involved = dr.mentions;
 	}
-	/* Before this database's relations are known: fail closed. */
-	if (!involved && q != NULL && !db_known && OidIsValid(MyDatabaseId))
+	/* Before this database's relations are known, or unreadable: fail closed. */
+	if (!involved && q != NULL && (!db_known || !shared_ok) && OidIsValid(MyDatabaseId))
 		involved = true;
+	/* A standby's changes come from WAL: until this session read them, mask. */
+	if (!involved && q != NULL && views_changed && RecoveryInProgress())
+		involved = true;
+	if (!standard_conforming_strings)
+		scs_ever_off = true;
 
 	if (involved)
 	{
@@ -1097,8 +1159,8 @@ redact_report(ErrorData *edata)
 			edata->message = mask_double_quoted(edata->message);
 		}
 		edata->context = mask_part(edata->context, true, true);
-		/* Any error during COPY quotes the input line in its context. */
-		if (edata->elevel >= ERROR && edata->context && strstr(edata->context, "COPY ") != NULL)
+		/* Any report during COPY quotes the input line in its context. */
+		if (edata->context && strstr(edata->context, "COPY ") != NULL)
 			edata->context = mask_double_quoted(edata->context);
 		/* A deadlock report shows the other sessions' statements. */
 		edata->detail_log = mask_part(edata->detail_log, true, false);

@@ -25,6 +25,9 @@ extern void env_redact_shmem_request(void);
 extern Size env_redact_shmem_size(void);
 extern void env_redact_shmem_init(void);
 
+/* A utility statement (DDL) runs in this transaction (ProcessUtility hook). */
+extern void env_redact_note_utility(void);
+
 /* At a top-level statement boundary: refresh the names of decrypting views. */
 extern void env_redact_refresh(void);
 

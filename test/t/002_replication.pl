@@ -362,6 +362,21 @@ is($standby->safe_psql('postgres', $count_sql), "$n3|$n3|$n3", 'standby at the e
 is($standby->safe_psql('postgres', q{SELECT latest_version FROM envelope.keks WHERE name = 'k'}),
 	'3', 'standby at the end: registry at version 3');
 
+# Log redaction on the standby: a table with an enc_bytea column created on
+# the primary after standby sessions have run is known there too (the
+# standby reads its catalogs again when WAL replay changes them).
+{
+	$standby->safe_psql('postgres', 'SELECT 1');
+	$primary->safe_psql('postgres', q{CREATE TABLE late_enc (id int, s text, v enc_bytea)});
+	$primary->wait_for_catchup($standby);
+	my $secret = 'STANDBY-SECRET-' . int(rand(1e9));
+	my $off = -s $standby->logfile;
+	$standby->psql('postgres', "SET log_statement = 'all'; SELECT count(*) FROM late_enc WHERE s = '$secret'");
+	my $log = slurp_file($standby->logfile, $off);
+	unlike($log, qr/\Q$secret\E/, 'standby: a statement on a table created after it started is masked in its log');
+	like($log, qr/statement: .*late_enc/, '... and it was logged');
+}
+
 # ---------------------------------------------------------------------------
 
 $sub->stop;

@@ -632,6 +632,28 @@ CREATE FUNCTION scs_off_fail() RETURNS int LANGUAGE sql SET standard_conforming_
 	no_secret_in_log('a syntax error quoting a literal', $off);
 }
 
+# Fourth review: a WARNING during COPY quotes the input line; a statement
+# prepared while standard_conforming_strings was off
+{
+	$node->safe_psql('postgres', q{
+CREATE TABLE cw (s text, e enc_bytea);
+CREATE FUNCTION cw_warn() RETURNS trigger LANGUAGE plpgsql AS
+$$BEGIN RAISE WARNING 'row seen'; RETURN NEW; END$$;
+CREATE TRIGGER cw_warn BEFORE INSERT ON cw FOR EACH ROW EXECUTE FUNCTION cw_warn();
+CREATE VIEW cw_v AS SELECT s, enc(s) AS e FROM cw;});
+	my $s = new_secret();
+	my $off = log_offset();
+	psql_verbose($node, "COPY cw (s) FROM STDIN;\nalice $s words\n\\.\nSELECT count(*) FROM cw_v;");
+	no_secret_in_log('a WARNING during COPY into a table with an enc_bytea column', $off);
+
+	$s = new_secret();
+	$off = log_offset();
+	psql_verbose($node, "SET standard_conforming_strings = off;\n"
+		  . "PREPARE psc AS SELECT enc('abc\\'$s more words ') IS NOT NULL;\n"
+		  . "SET standard_conforming_strings = on;\nSET log_min_duration_statement = 0;\nEXECUTE psc;");
+	no_secret_in_log('a statement prepared while standard_conforming_strings was off', $off);
+}
+
 # ---------------------------------------------------------------------------
 
 no_secret_in_log('the whole log (' . scalar(@secrets) . ' secrets)', 0);
