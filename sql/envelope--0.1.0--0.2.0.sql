@@ -57,7 +57,9 @@ COMMENT ON TABLE envelope.kek_grant IS
 SELECT pg_catalog.pg_extension_config_dump('envelope.kek_grant', '');
 -- Every backend reads the grants to authorize a key use; they hold no secrets.
 GRANT SELECT ON envelope.kek_grant TO PUBLIC;
-GRANT INSERT, UPDATE, DELETE ON envelope.kek_grant TO envelope_admin;
+-- No one but the extension's owner writes it: envelope.grant and
+-- envelope.revoke (which check envelope_admin) change it as the owner, so
+-- every change is audited.
 
 CREATE FUNCTION envelope.kek_grant_changed() RETURNS trigger
 	AS 'MODULE_PATHNAME', 'envelope_kek_grant_changed' LANGUAGE C;

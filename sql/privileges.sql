@@ -36,6 +36,13 @@ SELECT envelope.grant('regress_a', 'regress_priv_app', 'decrypt');	-- again: no-
 SELECT id, dec_text(v) FROM priv_t ORDER BY id;
 RESET ROLE;
 
+-- Admins change grants only through envelope.grant/revoke (audited), never directly.
+SET ROLE regress_priv_admin;
+INSERT INTO envelope.kek_grant (kek, grantee, privilege, granted_by)
+	VALUES ('regress_a', 'regress_priv_admin', 'decrypt', 'regress_priv_app');
+DELETE FROM envelope.kek_grant;
+RESET ROLE;
+
 -- Bad arguments.
 SELECT envelope.grant('no_such_kek', 'regress_priv_app', 'decrypt');
 SELECT envelope.grant('regress_a', 'regress_priv_app', 'read');

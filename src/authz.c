@@ -36,6 +36,9 @@
 #include "access/genam.h"
 #include "catalog/indexing.h"
 #include "catalog/namespace.h"
+#include "catalog/dependency.h"
+#include "catalog/pg_depend.h"
+#include "commands/extension.h"
 #include "catalog/pg_authid.h"
 #include "catalog/pg_extension.h"
 #include "utils/fmgroids.h"
@@ -107,6 +110,27 @@ grants_relcache_cb(Datum arg, Oid relid)
 	}
 }
 
+/*
+ * envelope.kek_grant of the envelope extension installed in this database,
+ * or InvalidOid: a table of that name that is not the extension's own (any
+ * database owner can create a schema "envelope") is never trusted.
+ */
+static Oid
+kek_grant_relation(void)
+{
+	Oid			ext = get_extension_oid("envelope", true);
+	Oid			nsp;
+	Oid			relid;
+
+	if (!OidIsValid(ext))
+		return InvalidOid;
+	nsp = get_namespace_oid("envelope", true);
+	relid = OidIsValid(nsp) ? get_relname_relid("kek_grant", nsp) : InvalidOid;
+	if (!OidIsValid(relid) || getExtensionOfObject(RelationRelationId, relid) != ext)
+		return InvalidOid;
+	return relid;
+}
+
 /* The privilege named by s, or -1. */
 static int
 parse_privilege(const char *s)
@@ -127,7 +151,6 @@ parse_privilege(const char *s)
 static void
 grants_load(void)
 {
-	Oid			nsp = get_namespace_oid("envelope", true);
 	KekGrant   *fresh;
 	int			n = 0;
 	int			cap = 16;
@@ -141,7 +164,7 @@ grants_load(void)
 		CacheRegisterRelcacheCallback(grants_relcache_cb, (Datum) 0);
 		callbacks_registered = true;
 	}
-	grants_relid = OidIsValid(nsp) ? get_relname_relid("kek_grant", nsp) : InvalidOid;
+	grants_relid = kek_grant_relation();
 	if (!OidIsValid(grants_relid))
 	{
 		ngrants = 0;
@@ -149,6 +172,17 @@ grants_load(void)
 		return;
 	}
 	rel = table_open(grants_relid, AccessShareLock);
+	{
+		TupleDesc	d = RelationGetDescr(rel);
+
+		/* (kek text, grantee regrole, privilege text, ...), as created */
+		if (d->natts < 3 || TupleDescAttr(d, 0)->atttypid != TEXTOID ||
+			TupleDescAttr(d, 1)->atttypid != REGROLEOID ||
+			TupleDescAttr(d, 2)->atttypid != TEXTOID)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("envelope.kek_grant does not have the expected columns")));
+	}
 	grants_valid = true;		/* an invalidation during the load clears it */
 	fresh = MemoryContextAllocZero(TopMemoryContext, sizeof(KekGrant) * cap);
 	snap = RegisterSnapshot(GetCatalogSnapshot(grants_relid));
@@ -254,7 +288,7 @@ env_authz_check_drop_role(List *roles)
 {
 	ListCell   *lc;
 
-	if (!IsTransactionState() || get_namespace_oid("envelope", true) == InvalidOid)
+	if (!IsTransactionState() || !OidIsValid(kek_grant_relation()))
 		return;
 	AcceptInvalidationMessages();
 	if (!grants_valid)
@@ -285,7 +319,7 @@ extension_owner(void)
 	ScanKeyData key;
 	SysScanDesc scan;
 	HeapTuple	tup;
-	Oid			owner = BOOTSTRAP_SUPERUSERID;
+	Oid			owner = InvalidOid;
 
 	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber,
 				F_NAMEEQ, CStringGetDatum("envelope"));
@@ -302,14 +336,14 @@ void
 env_authz_drop_owned(List *roles)
 {
 	ListCell   *lc;
-	Oid			nsp = get_namespace_oid("envelope", true);
 	Oid			save_userid;
 	int			save_sec;
+	Oid			owner;
 	Oid		   *oids;
 	uint64	   *deleted;
 	int			n = 0;
 
-	if (!OidIsValid(nsp) || !OidIsValid(get_relname_relid("kek_grant", nsp)))
+	if (!OidIsValid(kek_grant_relation()) || !OidIsValid(owner = extension_owner()))
 		return;
 	AcceptInvalidationMessages();
 	if (!grants_valid)
@@ -346,7 +380,8 @@ env_authz_drop_owned(List *roles)
 	 * be able to change envelope.kek_grant.
 	 */
 	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(extension_owner(), save_sec | SECURITY_LOCAL_USERID_CHANGE);
+	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
 	PG_TRY();
 	{
 		SPI_connect();
@@ -413,6 +448,11 @@ change_grant(FunctionCallInfo fcinfo, bool grant)
 				last;
 	Oid			argtypes[4] = {TEXTOID, OIDOID, TEXTOID, OIDOID};
 	char	   *role_name;
+	char	   *changes[lengthof(priv_names)];
+	MemoryContext outer;
+	Oid			owner;
+	Oid			save_userid;
+	int			save_sec;
 
 	env_require_shared();
 	env_require_admin(grant ? "grant KEK privileges" : "revoke KEK privileges");
@@ -432,13 +472,20 @@ change_grant(FunctionCallInfo fcinfo, bool grant)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("unrecognized KEK privilege \"%s\"", privname),
 				 errhint("Use encrypt, decrypt, rewrap or all.")));
-	if (get_namespace_oid("envelope", true) == InvalidOid ||
-		get_relname_relid("kek_grant", get_namespace_oid("envelope", false)) == InvalidOid)
+	if (!OidIsValid(kek_grant_relation()) || !OidIsValid(owner = extension_owner()))
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("envelope.kek_grant does not exist"),
 				 errhint("Run ALTER EXTENSION envelope UPDATE.")));
 
+	/*
+	 * The table is changed as the extension's owner: admins cannot write it
+	 * directly, so every change goes through here and is audited.
+	 */
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	outer = CurrentMemoryContext;
 	SPI_connect();
 	for (int p = first; p <= last; p++)
 	{
@@ -448,7 +495,7 @@ change_grant(FunctionCallInfo fcinfo, bool grant)
 		values[0] = CStringGetTextDatum(kek.name);
 		values[1] = ObjectIdGetDatum(role);
 		values[2] = CStringGetTextDatum(priv_names[p]);
-		values[3] = ObjectIdGetDatum(GetUserId());
+		values[3] = ObjectIdGetDatum(save_userid);
 		if (SPI_execute_with_args(grant ?
 								  "INSERT INTO envelope.kek_grant (kek, grantee, privilege, granted_by) "
 								  "VALUES ($1, $2::pg_catalog.regrole, $3, $4::pg_catalog.regrole) "
@@ -463,10 +510,17 @@ change_grant(FunctionCallInfo fcinfo, bool grant)
 		escape_json(&extra, role_name);
 		appendStringInfo(&extra, ", \"privilege\": \"%s\", \"changed\": %s}",
 						 priv_names[p], SPI_processed > 0 ? "true" : "false");
-		env_audit(grant ? "grant" : "revoke", kek.name, 0, extra.data);
-		pfree(extra.data);
+		changes[p] = MemoryContextStrdup(outer, extra.data);	/* (SPI's is freed) */
 	}
 	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec);
+
+	/* Audited as the caller. */
+	for (int p = first; p <= last; p++)
+	{
+		env_audit(grant ? "grant" : "revoke", kek.name, 0, changes[p]);
+		pfree(changes[p]);
+	}
 }
 
 /* envelope.grant(kek text, role regrole, privilege text) */

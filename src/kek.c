@@ -437,6 +437,14 @@ envelope_kek_changed(PG_FUNCTION_ARGS)
 	CacheInvalidateRelcacheByRelid(RelationGetRelid(trigdata->tg_relation));
 	registry_valid = false;
 
+	/* Every change of the registry is audited, also direct DML by an admin. */
+	if (TRIGGER_FIRED_FOR_STATEMENT(trigdata->tg_event))
+		env_audit("registry_change", NULL, 0,
+				  TRIGGER_FIRED_BY_INSERT(trigdata->tg_event) ? "{\"op\": \"INSERT\"}" :
+				  TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) ? "{\"op\": \"UPDATE\"}" :
+				  TRIGGER_FIRED_BY_DELETE(trigdata->tg_event) ? "{\"op\": \"DELETE\"}" :
+				  "{\"op\": \"TRUNCATE\"}");
+
 	/* TRUNCATE has no row trigger: every KEK's cached keys go. */
 	if (TRIGGER_FIRED_BY_TRUNCATE(trigdata->tg_event))
 	{

@@ -1093,8 +1093,13 @@ redact_report(ErrorData *edata)
 	bool		involved;
 	ScanResult	dr;
 
-	/* What other sessions published (new relations), if anything. */
-	bool		shared_ok = views_from_shared(false);
+	/*
+	 * What other sessions published (new relations), if anything.  Not in a
+	 * critical section, where only ErrorContext may allocate: there the
+	 * report is masked as if the list were unreadable.
+	 */
+	bool		in_crit = CritSectionCount > 0;
+	bool		shared_ok = !in_crit && views_from_shared(false);
 
 	involved = text_involved(q);
 	/* EXECUTE's "prepare:" DETAIL shows what the prepared statement does. */
@@ -1167,7 +1172,7 @@ redact_report(ErrorData *edata)
 		edata->internalquery = mask_part(edata->internalquery, true, false);
 
 		/* The STATEMENT line is printed from debug_query_string. */
-		if (!edata->hide_stmt && q != NULL && q != masked_query)
+		if (!edata->hide_stmt && q != NULL && q != masked_query && !in_crit)
 			swap_statement(q, defuse_prefix(mask_sql(q, MASK_STATEMENT)));
 	}
 	else
@@ -1176,7 +1181,7 @@ redact_report(ErrorData *edata)
 		edata->context = mask_part(edata->context, false, true);
 		edata->internalquery = mask_part(edata->internalquery, false, false);
 		edata->detail_log = mask_part(edata->detail_log, false, false);
-		if (!edata->hide_stmt && q != NULL && q != masked_query &&
+		if (!edata->hide_stmt && q != NULL && q != masked_query && !in_crit &&
 			strstr(q, AUDIT_PREFIX) != NULL)
 			swap_statement(q, defuse_prefix((char *) q));
 	}

@@ -555,6 +555,43 @@ is($node->safe_psql('postgres', q{SELECT dec_text(v) FROM r ORDER BY id}),
 	"$plain[0]\n$plain[1]", 'the rewrapped values still decrypt (superuser)');
 
 # ---------------------------------------------------------------------------
+# A schema named "envelope" in a database without the extension is not
+# trusted: DROP ROLE and DROP OWNED BY neither crash on its fake kek_grant
+# nor run its triggers as a superuser.
+# ---------------------------------------------------------------------------
+
+{
+	$node->safe_psql('postgres', q{
+CREATE ROLE fake_owner LOGIN;
+CREATE ROLE fake_grp;
+GRANT fake_grp TO fake_owner;
+CREATE DATABASE fakedb OWNER fake_owner;});
+	my ($rc, $out, $err) = ('', '', '');
+	$rc = $node->psql('fakedb', q{
+CREATE SCHEMA envelope;
+CREATE TABLE envelope.kek_grant (kek int, grantee int, privilege int);
+INSERT INTO envelope.kek_grant VALUES (1, 2, 3);
+DROP ROLE IF EXISTS no_such_role_here;},
+		connstr => $node->connstr('fakedb') . ' user=fake_owner', stdout => \$out, stderr => \$err);
+	like($err, qr/permission denied to drop role/,
+		'fake envelope.kek_grant with integer columns: DROP ROLE reaches PostgreSQL\'s own check') or diag($err);
+	is($node->safe_psql('postgres', 'SELECT 1'), '1', '... and the server is still up');
+
+	$rc = $node->psql('fakedb', q{
+DROP TABLE envelope.kek_grant;
+CREATE TABLE envelope.kek_grant (kek text, grantee oid, privilege text);
+INSERT INTO envelope.kek_grant VALUES ('x', 'fake_grp'::regrole, 'decrypt');
+CREATE FUNCTION public.escalate() RETURNS trigger LANGUAGE plpgsql AS
+$$BEGIN EXECUTE 'ALTER ROLE fake_owner SUPERUSER'; RETURN OLD; END$$;
+CREATE TRIGGER t BEFORE DELETE ON envelope.kek_grant FOR EACH ROW EXECUTE FUNCTION public.escalate();
+DROP OWNED BY fake_grp;},
+		connstr => $node->connstr('fakedb') . ' user=fake_owner', stdout => \$out, stderr => \$err);
+	is($node->safe_psql('postgres', q{SELECT rolsuper FROM pg_roles WHERE rolname = 'fake_owner'}),
+		'f', 'DROP OWNED BY in a database with a fake envelope schema does not make anyone superuser');
+	$node->safe_psql('postgres', q{DROP DATABASE fakedb; DROP ROLE fake_owner; DROP ROLE fake_grp;});
+}
+
+# ---------------------------------------------------------------------------
 # A revoke reaches a session that is already open
 # ---------------------------------------------------------------------------
 
