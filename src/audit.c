@@ -341,18 +341,11 @@ add_common(StringInfo buf, const char *event, const char *user)
 					 (int64) pgstat_get_my_query_id());
 }
 
-/* Hex of len bytes into out (2 * len + 1 chars). */
+/* Hex of len bytes into out (2 * len + 1 chars), NUL-terminated. */
 static void
 to_hex(const uint8 *in, int len, char *out)
 {
-	static const char digits[] = "0123456789abcdef";
-
-	for (int i = 0; i < len; i++)
-	{
-		out[2 * i] = digits[in[i] >> 4];
-		out[2 * i + 1] = digits[in[i] & 15];
-	}
-	out[2 * len] = '\0';
+	out[hex_encode((const char *) in, len, out)] = '\0';
 }
 
 /* Number, sign and write one record; the caller holds audit_lock. */

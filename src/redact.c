@@ -998,9 +998,12 @@ mask_part(char *part, bool involved, bool prose)
 	return mask_sql(part, prose ? MASK_PROSE : MASK_STATEMENT);
 }
 
-/* The masked form of the message: the statement text in it, masked. */
+/*
+ * The masked form of the message: the statement text q in it replaced by
+ * masked_q (q already masked, computed once per report).
+ */
 static char *
-mask_message(char *msg, const char *q)
+mask_message(char *msg, const char *q, const char *masked_q)
 {
 	const char *at;
 	StringInfoData out;
@@ -1013,7 +1016,7 @@ mask_message(char *msg, const char *q)
 		return msg;
 	initStringInfo(&out);
 	appendBinaryStringInfo(&out, msg, at - msg);
-	appendStringInfoString(&out, mask_sql(q, MASK_STATEMENT));
+	appendStringInfoString(&out, masked_q);
 	appendStringInfoString(&out, at + strlen(q));
 	return out.data;
 }
@@ -1119,8 +1122,12 @@ redact_report(ErrorData *edata)
 
 	if (involved)
 	{
+		/* (our swapped-in copy is already masked; anything else, once) */
+		char	   *masked_q = q == NULL ? NULL :
+			q == masked_query ? masked_query : mask_sql(q, MASK_STATEMENT);
+
 		if (edata->message)
-			edata->message = mask_message(edata->message, q);
+			edata->message = mask_message(edata->message, q, masked_q);
 		if (statement_log_line(edata))
 		{
 			/* DETAIL: "parameters: $1 = '...'" or "prepare: PREPARE ..." */
@@ -1173,7 +1180,7 @@ redact_report(ErrorData *edata)
 
 		/* The STATEMENT line is printed from debug_query_string. */
 		if (!edata->hide_stmt && q != NULL && q != masked_query && !in_crit)
-			swap_statement(q, defuse_prefix(mask_sql(q, MASK_STATEMENT)));
+			swap_statement(q, defuse_prefix(masked_q));
 	}
 	else
 	{
