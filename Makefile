@@ -10,7 +10,7 @@ EXTENSION    = envelope
 EXTVERSION   = $(shell sed -n "s/^default_version[[:space:]]*=[[:space:]]*'\([^']*\)'.*/\1/p" $(EXTENSION).control)
 
 MODULE_big   = envelope
-OBJS         = src/envelope.o src/format.o src/crypto.o src/keycache.o \
+OBJS         = src/envelope.o src/format.o src/crypto.o src/keycache.o src/keylocal.o \
                src/shmem.o src/sweeper.o src/authz.o src/audit.o \
                src/kek.o src/kms.o src/kms_vault.o src/http.o src/jsonx.o \
                src/funcs.o src/redact.o
@@ -39,4 +39,4 @@ demo:
 	bash $(srcdir)/test/demo
 
 bench:
-	bash $(srcdir)/test/bench
+	bash $(srcdir)/test/bench/run

@@ -76,6 +76,7 @@
 #include "authz.h"
 #include "crypto.h"
 #include "format.h"
+#include "keycache.h"
 #include "redact.h"
 
 PG_FUNCTION_INFO_V1(envelope_audit_event);
@@ -581,6 +582,8 @@ audit_statement_start(void)
 static void
 audit_statement_end(void)
 {
+	/* Key cache hits counted locally reach envelope.cache_stats() now. */
+	keycache_flush_local_counts();
 	if (IsParallelWorker())
 		audit_push_to_leader();
 	else

@@ -3,22 +3,25 @@
  * crypto.c
  *		AES-256-GCM sealing with per-value keys and key commitment (OpenSSL).
  *
- * Key hierarchy (docs/design.md):
+ * Key hierarchy (docs/design.md, docs/format.md):
  *		KEK (in the KMS) --wraps--> DEK (32 bytes, reused within bounds)
- *		HKDF-SHA256(salt = 32 random bytes, ikm = DEK, info = label)
- *			-> 64 bytes: value key (32) || commitment (32)
+ *		algorithm 2 (written): value key = AES-256_DEK(0x01 || salt[0..14]) ||
+ *			AES-256_DEK(0x02 || salt[0..14]); commitment = SHA-256(label || DEK)
+ *		algorithm 1 (read): HKDF-SHA256(salt, DEK) -> value key || commitment
  * Each value is sealed under its own value key with a random 96-bit nonce.
  * The commitment is stored in the value and compared before decrypting, so
- * a value cannot be made to decrypt under two different keys (the AWS
- * Encryption SDK's committing suites do the same).
+ * a value cannot be made to decrypt under two different data keys (the AWS
+ * Encryption SDK's committing suites do the same).  Algorithm 2 does per
+ * value only what must be per value: two AES blocks under a key schedule
+ * kept with the cached data key (EnvDekState), and GCM itself.
  *
  * Resource handling: the OpenSSL algorithms and contexts are fetched and
  * allocated once per backend (crypto_init) and reused, so an ERROR raised in
  * the middle of an operation can never leak one; each operation starts by
- * re-initialising the context it uses.  OpenSSL failures are reported by
+ * re-keying the context it uses.  OpenSSL failures are reported by
  * crypto_error(): the one place that turns OpenSSL's error queue into
- * ereport.  The GCM key schedule left in the reused context is overwritten
- * by the next operation; contexts are not shared across backends.
+ * ereport.  The last value key left in a GCM context is overwritten at the
+ * end of each transaction; contexts are not shared across backends.
  *
  *-------------------------------------------------------------------------
  */
@@ -31,10 +34,15 @@
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
+#include "access/xact.h"
+#include "miscadmin.h"
+
 #include "envelope.h"
 #include "crypto.h"
 
 #define HKDF_INFO	"envelope v1 AES-256-GCM value key and commitment"
+#define COMMIT_LABEL	"envelope v2 AES-256-GCM key commitment"
+#define KDF_BLOCK	16			/* AES block size */
 
 static void crypto_error(const char *what) pg_attribute_noreturn();
 
@@ -85,43 +93,100 @@ env_random_bytes(uint8 *buf, int len)
  * cost; reusing prefetched algorithms and contexts removes that.  The
  * contexts are static, so an ERROR can never leak them.  HMAC is computed
  * on the digest context directly (RFC 2104) for the same reason.
+ *
+ * The GCM contexts are bound to the cipher once; each value only sets its
+ * key and nonce (EVP_*Init_ex2 with a NULL cipher), which skips freeing and
+ * re-creating the provider's context on every call.
  */
 static EVP_MD *sha256_md = NULL;
 static EVP_MD_CTX *md_ctx = NULL;
 static EVP_CIPHER *gcm_cipher = NULL;
-static EVP_CIPHER_CTX *gcm_ctx = NULL;
+static EVP_CIPHER *ecb_cipher = NULL;
+static EVP_CIPHER_CTX *seal_ctx = NULL;
+static EVP_CIPHER_CTX *open_ctx = NULL;
+static bool gcm_dirty = false;	/* a value key is left in a GCM context */
+
+static void crypto_xact_cb(XactEvent event, void *arg);
 
 /* Fetch the algorithms and allocate the contexts on first use. */
 static void
 crypto_init(void)
 {
-	if (gcm_ctx != NULL)
+	if (open_ctx != NULL)
 		return;
-	sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
-	gcm_cipher = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
-	if (sha256_md == NULL || gcm_cipher == NULL)
-		crypto_error("load SHA-256 and AES-256-GCM");
-	md_ctx = EVP_MD_CTX_new();
-	if (md_ctx == NULL)
+	if (sha256_md == NULL)
+		sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+	if (gcm_cipher == NULL)
+		gcm_cipher = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+	if (ecb_cipher == NULL)
+		ecb_cipher = EVP_CIPHER_fetch(NULL, "AES-256-ECB", NULL);
+	if (sha256_md == NULL || gcm_cipher == NULL || ecb_cipher == NULL)
+		crypto_error("load SHA-256 and AES-256");
+	if (md_ctx == NULL && (md_ctx = EVP_MD_CTX_new()) == NULL)
 		crypto_error("set up SHA-256");
-	gcm_ctx = EVP_CIPHER_CTX_new();
-	if (gcm_ctx == NULL)
+	if (seal_ctx == NULL)
+	{
+		seal_ctx = EVP_CIPHER_CTX_new();
+		if (seal_ctx == NULL ||
+			EVP_EncryptInit_ex2(seal_ctx, gcm_cipher, NULL, NULL, NULL) != 1)
+			crypto_error("set up AES-256-GCM");
+	}
+	open_ctx = EVP_CIPHER_CTX_new();
+	if (open_ctx == NULL ||
+		EVP_DecryptInit_ex2(open_ctx, gcm_cipher, NULL, NULL, NULL) != 1)
+	{
+		EVP_CIPHER_CTX_free(open_ctx);
+		open_ctx = NULL;
 		crypto_error("set up AES-256-GCM");
+	}
+	RegisterXactCallback(crypto_xact_cb, NULL);
+}
+
+/* Overwrite the HMAC state left in the digest context by a key derivation. */
+static void
+crypto_scrub_md(void)
+{
+	(void) EVP_DigestInit_ex2(md_ctx, sha256_md, NULL);
+	ERR_clear_error();
 }
 
 /*
- * Overwrite the key state left in the reused contexts, so the last value
- * key and HMAC state do not linger in ordinary heap memory.
+ * Overwrite the last value key's schedule in the GCM contexts.  This runs at
+ * the end of every transaction (not after every value: re-keying a GCM
+ * context costs as much as decrypting a short value), so a per-value key
+ * stays in backend memory at most until its transaction ends; the data keys
+ * it came from are held longer, in the key cache.
  */
 static void
-crypto_scrub(void)
+crypto_scrub_gcm(void)
 {
-	static const uint8 zero[32] = {0};
+	static const uint8 zero[ENV_KEY_LEN] = {0};
 	static const uint8 zero_iv[ENV_NONCE_LEN] = {0};
 
-	(void) EVP_DigestInit_ex2(md_ctx, sha256_md, NULL);
-	(void) EVP_EncryptInit_ex2(gcm_ctx, gcm_cipher, zero, zero_iv, NULL);
+	if (!gcm_dirty)
+		return;
+	(void) EVP_EncryptInit_ex2(seal_ctx, NULL, zero, zero_iv, NULL);
+	(void) EVP_DecryptInit_ex2(open_ctx, NULL, zero, zero_iv, NULL);
 	ERR_clear_error();
+	gcm_dirty = false;
+}
+
+/* Transaction end (also in parallel workers): scrub the GCM contexts. */
+static void
+crypto_xact_cb(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			crypto_scrub_gcm();
+			break;
+		default:
+			break;
+	}
 }
 
 /* out = SHA-256(a || b || c) on the reused digest context. */
@@ -172,6 +237,7 @@ env_hmac_sha256(const uint8 *key, size_t keylen, const uint8 *a, size_t alen,
 	crypto_init();
 	if (keylen > 64 || !hmac_sha256(key, keylen, a, alen, b, blen, out))
 		crypto_error("compute HMAC-SHA256");
+	crypto_scrub_md();
 }
 
 /* SHA-256 over several byte strings, concatenated. */
@@ -189,10 +255,12 @@ env_sha256(const uint8 *const *parts, const size_t *lens, int nparts, uint8 *dig
 		crypto_error("compute SHA-256");
 }
 
-/* Derive the per-value key and key commitment (HKDF-SHA256, RFC 5869). */
-void
-env_derive_value_key(const uint8 *dek, const uint8 *salt,
-					 uint8 *value_key, uint8 *commit)
+/*
+ * Algorithm 1: the per-value key and key commitment from HKDF-SHA256
+ * (RFC 5869) over the data key and the value's salt.
+ */
+static void
+derive_hkdf(const uint8 *dek, const uint8 *salt, uint8 *value_key, uint8 *commit)
 {
 	static const uint8 info1[] = HKDF_INFO "\x01";
 	uint8		info2[sizeof(HKDF_INFO)];
@@ -201,7 +269,6 @@ env_derive_value_key(const uint8 *dek, const uint8 *salt,
 	size_t		infolen = sizeof(HKDF_INFO) - 1;
 	bool		ok;
 
-	crypto_init();
 	memcpy(info2, HKDF_INFO, infolen);
 	info2[infolen] = 0x02;
 
@@ -216,7 +283,7 @@ env_derive_value_key(const uint8 *dek, const uint8 *salt,
 
 	env_wipe(prk, sizeof(prk));
 	env_wipe(t1, sizeof(t1));
-	crypto_scrub();
+	crypto_scrub_md();
 	if (!ok)
 	{
 		env_wipe(value_key, ENV_KEY_LEN);
@@ -224,28 +291,119 @@ env_derive_value_key(const uint8 *dek, const uint8 *salt,
 	}
 }
 
-/* Feed the AAD (header, then context length and context) into a GCM context. */
-static bool
-gcm_aad(EVP_CIPHER_CTX *ctx, bool encrypt, const uint8 *header,
-		const uint8 *context, int context_len)
+/* Set up state for a data key: the AES-256 key schedule and the commitment. */
+void
+env_dek_state_init(EnvDekState *state, const uint8 *dek)
 {
-	uint8		lenbuf[4];
-	int			outl;
+	static const uint8 label[] = COMMIT_LABEL;
+	const uint8 *parts[2] = {label, dek};
+	size_t		lens[2] = {sizeof(label) - 1, ENV_KEY_LEN};
 
-	lenbuf[0] = (uint8) (context_len >> 24);
-	lenbuf[1] = (uint8) (context_len >> 16);
-	lenbuf[2] = (uint8) (context_len >> 8);
-	lenbuf[3] = (uint8) context_len;
+	crypto_init();
+	env_dek_state_clear(state);
+	if (state->kdf == NULL && (state->kdf = EVP_CIPHER_CTX_new()) == NULL)
+		crypto_error("set up AES-256");
+	if (EVP_EncryptInit_ex2(state->kdf, ecb_cipher, dek, NULL, NULL) != 1 ||
+		EVP_CIPHER_CTX_set_padding(state->kdf, 0) != 1)
+		crypto_error("set up AES-256");
+	env_sha256(parts, lens, 2, state->commit);
+	memcpy(state->dek, dek, ENV_KEY_LEN);
+	state->valid = true;
+}
 
-#define AAD(p, n) \
-	(encrypt ? EVP_EncryptUpdate(ctx, NULL, &outl, (p), (n)) : \
-			   EVP_DecryptUpdate(ctx, NULL, &outl, (p), (n)))
-	if (AAD(header, ENV_HEADER_LEN) != 1 || AAD(lenbuf, 4) != 1)
-		return false;
-	if (context_len > 0 && AAD(context, context_len) != 1)
-		return false;
-#undef AAD
-	return true;
+/* Wipe a state's key material; its context is kept for the next key. */
+void
+env_dek_state_clear(EnvDekState *state)
+{
+	env_wipe(state->dek, sizeof(state->dek));
+	env_wipe(state->commit, sizeof(state->commit));
+	/* Resetting frees the cipher's own context, which OpenSSL cleanses. */
+	if (state->kdf != NULL)
+		(void) EVP_CIPHER_CTX_reset(state->kdf);
+	state->valid = false;
+}
+
+/*
+ * The per-value key and key commitment of a value (docs/format.md).
+ *
+ * Algorithm 2: value key = AES-256_DEK(0x01 || salt[0..14]) ||
+ * AES-256_DEK(0x02 || salt[0..14]), two block encryptions under the data
+ * key's cached key schedule (as AES-GCM-SIV derives its per-nonce keys);
+ * commitment = SHA-256(label || DEK), computed once per data key.
+ * Algorithm 1: HKDF-SHA256, both per value.
+ */
+void
+env_value_key(const EnvDekState *state, int algo, const uint8 *salt,
+			  uint8 *value_key, uint8 *commit)
+{
+	uint8		blocks[2 * KDF_BLOCK];
+	int			outl = 0;
+
+	Assert(state->valid);
+	if (algo == ENV_ALGO_AES256GCM_HKDF_SHA256_COMMIT)
+	{
+		crypto_init();
+		derive_hkdf(state->dek, salt, value_key, commit);
+		return;
+	}
+	Assert(algo == ENV_ALGO_AES256GCM_AESKDF_COMMIT);
+	blocks[0] = 0x01;
+	memcpy(blocks + 1, salt, KDF_BLOCK - 1);
+	blocks[KDF_BLOCK] = 0x02;
+	memcpy(blocks + KDF_BLOCK + 1, salt, KDF_BLOCK - 1);
+	if (EVP_EncryptUpdate(state->kdf, value_key, &outl, blocks, sizeof(blocks)) != 1 ||
+		outl != ENV_KEY_LEN)
+	{
+		env_wipe(value_key, ENV_KEY_LEN);
+		crypto_error("derive the value key");
+	}
+	memcpy(commit, state->commit, ENV_COMMIT_LEN);
+}
+
+/*
+ * Random bytes for salts and nonces.  RAND_bytes costs about as much per
+ * call as sealing a short value, so each backend draws FRESH_POOL bytes at
+ * a time and hands them out in order, wiping what it hands out.  The bytes
+ * come from the same generator either way; they are public once written
+ * into a value.  The buffer is refilled whenever the process is not the one
+ * that filled it, so a forked child never reuses its parent's bytes.
+ */
+#define FRESH_POOL	4096
+
+static uint8 fresh_pool[FRESH_POOL];
+static int	fresh_pos = FRESH_POOL;
+static int	fresh_pid = 0;
+
+/* Salts and nonces from the per-backend buffer of random bytes. */
+void
+env_fresh_bytes(uint8 *buf, int len)
+{
+	if (len > FRESH_POOL / 4)
+	{
+		env_random_bytes(buf, len);
+		return;
+	}
+	if (fresh_pid != MyProcPid || FRESH_POOL - fresh_pos < len)
+	{
+		fresh_pos = FRESH_POOL;
+		env_random_bytes(fresh_pool, FRESH_POOL);
+		fresh_pos = 0;
+		fresh_pid = MyProcPid;
+	}
+	memcpy(buf, fresh_pool + fresh_pos, len);
+	memset(fresh_pool + fresh_pos, 0, len);
+	fresh_pos += len;
+}
+
+/* The AAD prefix: header, then the context's length (big-endian). */
+static void
+aad_prefix(uint8 *dst, const uint8 *header, int context_len)
+{
+	memcpy(dst, header, ENV_HEADER_LEN);
+	dst[ENV_HEADER_LEN] = (uint8) (context_len >> 24);
+	dst[ENV_HEADER_LEN + 1] = (uint8) (context_len >> 16);
+	dst[ENV_HEADER_LEN + 2] = (uint8) (context_len >> 8);
+	dst[ENV_HEADER_LEN + 3] = (uint8) context_len;
 }
 
 /* Encrypt plaintext into ciphertext and tag, authenticating header and context. */
@@ -254,22 +412,22 @@ env_seal(const uint8 *value_key, const uint8 *nonce,
 		 const uint8 *header, const uint8 *context, int context_len,
 		 const uint8 *plaintext, int len, uint8 *ciphertext, uint8 *tag)
 {
-	EVP_CIPHER_CTX *ctx;
+	uint8		aad[ENV_HEADER_LEN + 4];
 	int			outl = 0;
 	int			finl = 0;
-	bool		ok;
+	int			aadl;
 
 	crypto_init();
-	ctx = gcm_ctx;
-	ok = EVP_EncryptInit_ex2(ctx, gcm_cipher, value_key, nonce, NULL) == 1 &&
-		gcm_aad(ctx, true, header, context, context_len) &&
-		(len == 0 || EVP_EncryptUpdate(ctx, ciphertext, &outl, plaintext, len) == 1) &&
-		EVP_EncryptFinal_ex(ctx, ciphertext + outl, &finl) == 1 &&
-		outl + finl == len &&
-		EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, ENV_TAG_LEN, tag) == 1;
-
-	crypto_scrub();
-	if (!ok)
+	aad_prefix(aad, header, context_len);
+	gcm_dirty = true;
+	if (EVP_EncryptInit_ex2(seal_ctx, NULL, value_key, nonce, NULL) != 1 ||
+		EVP_EncryptUpdate(seal_ctx, NULL, &aadl, aad, sizeof(aad)) != 1 ||
+		(context_len > 0 &&
+		 EVP_EncryptUpdate(seal_ctx, NULL, &aadl, context, context_len) != 1) ||
+		(len > 0 && EVP_EncryptUpdate(seal_ctx, ciphertext, &outl, plaintext, len) != 1) ||
+		EVP_EncryptFinal_ex(seal_ctx, ciphertext + outl, &finl) != 1 ||
+		outl + finl != len ||
+		EVP_CIPHER_CTX_ctrl(seal_ctx, EVP_CTRL_GCM_GET_TAG, ENV_TAG_LEN, tag) != 1)
 		crypto_error("encrypt value");
 }
 
@@ -279,30 +437,27 @@ env_open(const uint8 *value_key, const uint8 *nonce,
 		 const uint8 *header, const uint8 *context, int context_len,
 		 const uint8 *ciphertext, int len, const uint8 *tag, uint8 *plaintext)
 {
-	EVP_CIPHER_CTX *ctx;
+	uint8		aad[ENV_HEADER_LEN + 4];
 	uint8		tagcopy[ENV_TAG_LEN];
 	int			outl = 0;
 	int			finl = 0;
-	bool		setup;
-	bool		verified = false;
+	int			aadl;
 
 	crypto_init();
-	ctx = gcm_ctx;
+	aad_prefix(aad, header, context_len);
 	memcpy(tagcopy, tag, ENV_TAG_LEN);
-	setup = EVP_DecryptInit_ex2(ctx, gcm_cipher, value_key, nonce, NULL) == 1 &&
-		gcm_aad(ctx, false, header, context, context_len) &&
-		(len == 0 || EVP_DecryptUpdate(ctx, plaintext, &outl, ciphertext, len) == 1) &&
-		EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, ENV_TAG_LEN, tagcopy) == 1;
-	if (setup)
-		verified = EVP_DecryptFinal_ex(ctx, plaintext + outl, &finl) == 1;
-
-	crypto_scrub();
-	if (!setup)
+	gcm_dirty = true;
+	if (EVP_DecryptInit_ex2(open_ctx, NULL, value_key, nonce, NULL) != 1 ||
+		EVP_DecryptUpdate(open_ctx, NULL, &aadl, aad, sizeof(aad)) != 1 ||
+		(context_len > 0 &&
+		 EVP_DecryptUpdate(open_ctx, NULL, &aadl, context, context_len) != 1) ||
+		(len > 0 && EVP_DecryptUpdate(open_ctx, plaintext, &outl, ciphertext, len) != 1) ||
+		EVP_CIPHER_CTX_ctrl(open_ctx, EVP_CTRL_GCM_SET_TAG, ENV_TAG_LEN, tagcopy) != 1)
 	{
 		env_wipe(plaintext, len);
 		crypto_error("set up AES-256-GCM decryption");
 	}
-	if (!verified)
+	if (EVP_DecryptFinal_ex(open_ctx, plaintext + outl, &finl) != 1)
 	{
 		ERR_clear_error();
 		env_wipe(plaintext, len);

@@ -11,15 +11,42 @@
 #include "envelope.h"
 #include "format.h"
 
+/*
+ * A data key and what is computed from it once, not per value: an AES-256
+ * key schedule for deriving per-value keys (algorithm 2) and the key
+ * commitment of algorithm 2.  Holders wipe it with env_dek_state_clear().
+ */
+typedef struct EnvDekState
+{
+	bool		valid;
+	uint8		dek[ENV_KEY_LEN];
+	uint8		commit[ENV_COMMIT_LEN];	/* algorithm 2's key commitment */
+	void	   *kdf;			/* EVP_CIPHER_CTX: AES-256-ECB keyed with dek */
+} EnvDekState;
+
 /* Fill buf with cryptographically secure random bytes, or raise an error. */
 extern void env_random_bytes(uint8 *buf, int len);
 
 /*
- * Derive the per-value key and the key commitment from a data key and a
- * salt (HKDF-SHA256).  The caller wipes value_key when done.
+ * Random bytes for salts and nonces, served from a per-backend buffer that
+ * is refilled from the same generator in large batches (never shared
+ * across a fork).
  */
-extern void env_derive_value_key(const uint8 *dek, const uint8 *salt,
-								 uint8 *value_key, uint8 *commit);
+extern void env_fresh_bytes(uint8 *buf, int len);
+
+/* Set up state for a data key (copies it); raises an error on failure. */
+extern void env_dek_state_init(EnvDekState *state, const uint8 *dek);
+
+/* Wipe a state's key material (the context stays allocated for reuse). */
+extern void env_dek_state_clear(EnvDekState *state);
+
+/*
+ * The per-value key and key commitment of a value sealed with algorithm
+ * algo (format.h) under state's data key and the value's salt.  The caller
+ * compares commit with the stored one and wipes value_key when done.
+ */
+extern void env_value_key(const EnvDekState *state, int algo, const uint8 *salt,
+						  uint8 *value_key, uint8 *commit);
 
 /*
  * Encrypt plaintext into ciphertext (same length) and tag under value_key,

@@ -104,7 +104,8 @@ env_parse(const uint8 *buf, Size len, EnvValue *out)
 	if (len < ENV_HEADER_LEN)
 		return "The value is shorter than its header.";
 	out->algo = p[1];
-	if (out->algo != ENV_ALGO_AES256GCM_HKDF_SHA256_COMMIT)
+	if (out->algo != ENV_ALGO_AES256GCM_HKDF_SHA256_COMMIT &&
+		out->algo != ENV_ALGO_AES256GCM_AESKDF_COMMIT)
 		return psprintf("Algorithm %u is not supported.", out->algo);
 	out->flags = get_u16(p + 2);
 	if (out->flags & ~ENV_FLAGS_KNOWN)
@@ -196,13 +197,13 @@ env_kek_section_len(const EnvKekRef *kek)
 
 /* Write the fixed header into dst (ENV_HEADER_LEN bytes). */
 void
-env_write_header(uint8 *dst, uint16 flags, int64 created_at,
+env_write_header(uint8 *dst, uint8 algo, uint16 flags, int64 created_at,
 				 const uint8 *salt, const uint8 *nonce, const uint8 *commit)
 {
 	uint64		ts = (uint64) created_at;
 
 	dst[0] = ENV_FORMAT_V1;
-	dst[1] = ENV_ALGO_AES256GCM_HKDF_SHA256_COMMIT;
+	dst[1] = algo;
 	put_u16(dst + 2, flags);
 	put_u32(dst + 4, (uint32) (ts >> 32));
 	put_u32(dst + 8, (uint32) ts);

@@ -9,7 +9,9 @@
 #define ENVELOPE_FORMAT_H
 
 #define ENV_FORMAT_V1		1
-#define ENV_ALGO_AES256GCM_HKDF_SHA256_COMMIT 1
+#define ENV_ALGO_AES256GCM_HKDF_SHA256_COMMIT 1	/* read only (0.1.0, 0.2.0) */
+#define ENV_ALGO_AES256GCM_AESKDF_COMMIT 2	/* written since 0.3.0 */
+#define ENV_ALGO_CURRENT	ENV_ALGO_AES256GCM_AESKDF_COMMIT
 
 #define ENV_SALT_LEN		32
 #define ENV_NONCE_LEN		12
@@ -72,7 +74,7 @@ extern void env_parse_datum(struct varlena *datum, EnvValue *out);
 extern Size env_kek_section_len(const EnvKekRef *kek);
 
 /* Write the fixed header into dst (ENV_HEADER_LEN bytes). */
-extern void env_write_header(uint8 *dst, uint16 flags, int64 created_at,
+extern void env_write_header(uint8 *dst, uint8 algo, uint16 flags, int64 created_at,
 							 const uint8 *salt, const uint8 *nonce,
 							 const uint8 *commit);
 

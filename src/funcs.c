@@ -104,9 +104,9 @@ encrypt_value(FunctionCallInfo fcinfo, const uint8 *plaintext, int len, uint16 t
 	KekInfo		kek;
 	KmsWrapped	wrapped;
 	EnvKekRef	ref;
+	const EnvDekState *ks;
 	const uint8 *ctx;
 	int			ctx_len;
-	uint8		dek[ENV_KEY_LEN];
 	uint8		value_key[ENV_KEY_LEN];
 	uint8		fresh[ENV_SALT_LEN + ENV_NONCE_LEN];	/* salt, then nonce */
 	uint8	   *salt = fresh;
@@ -146,16 +146,16 @@ encrypt_value(FunctionCallInfo fcinfo, const uint8 *plaintext, int len, uint16 t
 
 	PG_TRY();
 	{
-		keycache_current_dek(&kek, dek, &wrapped);
+		ks = keycache_current(&kek, &wrapped);
 		ref.kek_version = (uint32) wrapped.version;
 		ref.wrapped = wrapped.data;
 		ref.wrapped_len = wrapped.len;
 
-		env_random_bytes(fresh, sizeof(fresh));
-		env_derive_value_key(dek, salt, value_key, commit);
+		env_fresh_bytes(fresh, sizeof(fresh));
+		env_value_key(ks, ENV_ALGO_CURRENT, salt, value_key, commit);
 
 		p = (uint8 *) VARDATA(result);
-		env_write_header(p, flags,
+		env_write_header(p, ENV_ALGO_CURRENT, flags,
 						 GetCurrentTimestamp() + UNIX_EPOCH_OFFSET_USECS,
 						 salt, nonce, commit);
 		p += ENV_HEADER_LEN;
@@ -167,7 +167,6 @@ encrypt_value(FunctionCallInfo fcinfo, const uint8 *plaintext, int len, uint16 t
 	}
 	PG_FINALLY();
 	{
-		env_wipe(dek, sizeof(dek));
 		env_wipe(value_key, sizeof(value_key));
 	}
 	PG_END_TRY();
@@ -219,12 +218,13 @@ decrypt_value(FunctionCallInfo fcinfo)
 	EnvValue	v;
 	KekInfo		kek;
 	KmsWrapped	wrapped;
+	const EnvDekState *ks;
 	const uint8 *ctx;
 	int			ctx_len;
-	uint8		dek[ENV_KEY_LEN];
 	uint8		value_key[ENV_KEY_LEN];
 	uint8		commit[ENV_COMMIT_LEN];
 	bytea	   *result;
+	bool		claimed;
 	volatile bool committed = false;
 	volatile bool opened = false;
 	volatile bool from_kms = false;
@@ -249,16 +249,19 @@ decrypt_value(FunctionCallInfo fcinfo)
 		 * from the cache does not run.
 		 */
 		if ((int32) v.kek.kek_version < kek.min_decryption_version)
-			kms_unwrap(kek.provider, kek.key_ref, &wrapped, dek);
+			ks = keycache_get_uncached(&kek, &wrapped);
 		else
-			from_kms = keycache_unwrap(&kek, &wrapped, dek);
-		env_derive_value_key(dek, v.salt, value_key, commit);
+		{
+			ks = keycache_get(&kek, &wrapped, &claimed);
+			from_kms = claimed;
+		}
+		env_value_key(ks, v.algo, v.salt, value_key, commit);
 		committed = env_equal_ct(commit, v.commit, ENV_COMMIT_LEN);
 		/* Cache a key from the KMS only once the commitment vouches for it. */
 		if (from_kms)
 		{
 			if (committed)
-				keycache_put(&kek, &wrapped, dek);
+				keycache_put(&kek, &wrapped, ks->dek);
 			else
 				keycache_abandon(&kek, &wrapped);
 			from_kms = false;
@@ -270,7 +273,6 @@ decrypt_value(FunctionCallInfo fcinfo)
 	}
 	PG_FINALLY();
 	{
-		env_wipe(dek, sizeof(dek));
 		env_wipe(value_key, sizeof(value_key));
 		if (from_kms)
 			keycache_abandon(&kek, &wrapped);
@@ -333,12 +335,16 @@ envelope_dec_text(PG_FUNCTION_ARGS)
 	PG_RETURN_TEXT_P((text *) b);
 }
 
+/* Key state for checking commitments while rewrapping (wiped after each use). */
+static EnvDekState rewrap_state;
+
 /* A new wrapped form of the value's data key under target's latest version. */
 static void
 rewrap_key(const EnvValue *v, const KekInfo *from, const KekInfo *target, KmsWrapped *out)
 {
 	KmsWrapped	in;
 	uint8		dek[ENV_KEY_LEN];
+	EnvDekState *ks = &rewrap_state;
 	uint8		value_key[ENV_KEY_LEN];
 	uint8		commit[ENV_COMMIT_LEN];
 	volatile bool ok = true;
@@ -362,7 +368,8 @@ rewrap_key(const EnvValue *v, const KekInfo *from, const KekInfo *target, KmsWra
 				claimed = keycache_unwrap(from, &in, dek);
 
 			/* Never wrap a wrong key under the target: check it first. */
-			env_derive_value_key(dek, v->salt, value_key, commit);
+			env_dek_state_init(ks, dek);
+			env_value_key(ks, v->algo, v->salt, value_key, commit);
 			if (!env_equal_ct(commit, v->commit, ENV_COMMIT_LEN))
 				ereport(ERROR,
 						(errcode(ERRCODE_DATA_CORRUPTED),
@@ -392,7 +399,8 @@ rewrap_key(const EnvValue *v, const KekInfo *from, const KekInfo *target, KmsWra
 		if (envelope_kms_verify)
 		{
 			kms_unwrap(target->provider, target->key_ref, out, dek);
-			env_derive_value_key(dek, v->salt, value_key, commit);
+			env_dek_state_init(ks, dek);
+			env_value_key(ks, v->algo, v->salt, value_key, commit);
 			ok = env_equal_ct(commit, v->commit, ENV_COMMIT_LEN);
 			if (ok)
 				keycache_put(target, out, dek);
@@ -402,6 +410,7 @@ rewrap_key(const EnvValue *v, const KekInfo *from, const KekInfo *target, KmsWra
 	{
 		env_wipe(dek, sizeof(dek));
 		env_wipe(value_key, sizeof(value_key));
+		env_dek_state_clear(ks);
 		if (claimed)
 			keycache_abandon(from, &in);
 	}
@@ -607,6 +616,7 @@ envelope_cache_flush(PG_FUNCTION_ARGS)
 
 	env_require_shared();
 	env_require_admin("flush the key cache");
+	keycache_forget_local();
 	PG_RETURN_INT32(keycache_flush(kek));
 }
 
@@ -623,6 +633,7 @@ envelope_cache_stats(PG_FUNCTION_ARGS)
 	env_require_shared();
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
+	keycache_flush_local_counts();
 	keycache_stats(&st);
 	memset(nulls, 0, sizeof(nulls));
 	values[i++] = Int32GetDatum(st.entries);

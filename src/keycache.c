@@ -93,6 +93,7 @@ typedef struct KeyCacheShared
 	int			nparts;
 	int			part_slots;
 	pg_atomic_uint64 clock;		/* LRU stamps */
+	pg_atomic_uint64 generation;	/* bumped by flush and retire (keylocal.c) */
 	ConditionVariable dek_ready;	/* broadcast when a new current key is in */
 	ConditionVariable unwrapped;	/* broadcast when a pending entry resolves */
 	CurrentDek	currents[MAX_CURRENT_DEKS];
@@ -161,6 +162,7 @@ keycache_shmem_init(void *region)
 	kc->part_slots = envelope_cache_size / kc->nparts;
 	n = kc->nparts * kc->part_slots;
 	pg_atomic_init_u64(&kc->clock, 1);
+	pg_atomic_init_u64(&kc->generation, 1);
 	ConditionVariableInit(&kc->dek_ready);
 	ConditionVariableInit(&kc->unwrapped);
 	for (int i = 0; i < MAX_CURRENT_DEKS; i++)
@@ -270,9 +272,12 @@ entry_clear(DekEntry *e)
 	pg_atomic_write_u64(&e->last_used, 0);
 }
 
-/* Look up a digest under the partition's shared lock. */
+/*
+ * Look up a digest under the partition's shared lock; *expires_at receives
+ * the entry's expiry on a hit (also when stale).
+ */
 static LookupResult
-cache_lookup(KeyCacheShared *kc, const uint8 *digest, uint8 *dek, TimestampTz *expired_at)
+cache_lookup(KeyCacheShared *kc, const uint8 *digest, uint8 *dek, TimestampTz *expires_at)
 {
 	int			part = partition_of(kc, digest);
 	DekEntry   *e = &kc->entries[part * kc->part_slots];
@@ -292,13 +297,14 @@ cache_lookup(KeyCacheShared *kc, const uint8 *digest, uint8 *dek, TimestampTz *e
 		else if (e->expires_at > now)
 		{
 			memcpy(dek, e->dek, ENV_KEY_LEN);
+			*expires_at = e->expires_at;
 			pg_atomic_write_u64(&e->last_used, pg_atomic_fetch_add_u64(&kc->clock, 1));
 			result = LOOKUP_HIT;
 		}
 		else if (now - e->expires_at < grace_usecs())
 		{
 			memcpy(dek, e->dek, ENV_KEY_LEN);
-			*expired_at = e->expires_at;
+			*expires_at = e->expires_at;
 			result = LOOKUP_STALE;
 		}
 		break;
@@ -560,6 +566,16 @@ unwrap_claimed(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek)
 bool
 keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek)
 {
+	TimestampTz hit_expires;
+
+	return keycache_unwrap_ex(kek, wrapped, dek, &hit_expires);
+}
+
+/* keycache_unwrap(), also giving a fresh hit's expiry (else 0) in *hit_expires. */
+bool
+keycache_unwrap_ex(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek,
+				   TimestampTz *hit_expires)
+{
 	KeyCacheShared *kc = cache();
 	uint8		digest[DIGEST_LEN];
 	uint8		stale[ENV_KEY_LEN];
@@ -568,6 +584,7 @@ keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek)
 	bool		from_kms;
 	bool		counted = false;
 
+	*hit_expires = 0;
 	wrapped_digest(kek, wrapped, digest);
 	for (;;)
 	{
@@ -579,6 +596,7 @@ keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek)
 			memcpy(dek, stale, ENV_KEY_LEN);
 			env_wipe(stale, sizeof(stale));
 			env_count(CNT_HITS, 1);
+			*hit_expires = expired_at;
 			return false;
 		}
 		if (!counted)
@@ -673,14 +691,19 @@ current_slot(KeyCacheShared *kc, const char *kek_name)
  */
 static bool
 take_use(CurrentDek *c, const KekInfo *kek, const uint8 *identity, TimestampTz now,
-		 uint8 *dek, KmsWrapped *wrapped)
+		 int want, uint8 *dek, KmsWrapped *wrapped, int *granted, TimestampTz *created_at)
 {
+	uint64		before;
+
 	if (c == NULL || memcmp(c->identity, identity, DIGEST_LEN) != 0 ||
 		c->version < kek->latest_version ||
 		now - c->created_at >= (TimestampTz) envelope_dek_max_age * USECS_PER_SEC)
 		return false;
-	if (pg_atomic_fetch_add_u64(&c->uses, 1) >= (uint64) envelope_dek_max_uses)
+	before = pg_atomic_fetch_add_u64(&c->uses, want);
+	if (before >= (uint64) envelope_dek_max_uses)
 		return false;
+	*granted = (int) Min((uint64) want, (uint64) envelope_dek_max_uses - before);
+	*created_at = c->created_at;
 	memcpy(dek, c->dek, ENV_KEY_LEN);
 	wrapped->version = c->version;
 	wrapped->len = c->wrapped_len;
@@ -747,14 +770,16 @@ end_generating(KeyCacheShared *kc, const char *kek_name)
 }
 
 /*
- * The data key to encrypt the next value under kek; one use is consumed.
+ * The data key to encrypt the next values under kek: up to want uses are
+ * reserved (*granted says how many, at least 1), counted across backends.
  *
  * When the current key is exhausted, one backend asks the KMS for the next
  * one (with no lock held) while the others wait on a condition variable for
  * it, so a key rollover costs one KMS call however many sessions write.
  */
 void
-keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped)
+keycache_current_dek(const KekInfo *kek, int want, uint8 *dek, KmsWrapped *wrapped,
+					 int *granted, TimestampTz *created_at)
 {
 	KeyCacheShared *kc = cache();
 	uint8		identity[DIGEST_LEN];
@@ -771,7 +796,8 @@ keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped)
 	{
 		LWLockAcquire(env_lock(0), LW_SHARED);
 		c = current_slot(kc, kek->name);
-		ok = take_use(c, kek, identity, GetCurrentTimestamp(), dek, wrapped);
+		ok = take_use(c, kek, identity, GetCurrentTimestamp(), want, dek, wrapped,
+					  granted, created_at);
 		wait = !ok && someone_generating(c);
 		LWLockRelease(env_lock(0));
 		if (ok)
@@ -788,7 +814,8 @@ keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped)
 		/* Nobody is fetching a key: claim the job, unless someone beat us. */
 		LWLockAcquire(env_lock(0), LW_EXCLUSIVE);
 		c = current_slot(kc, kek->name);
-		ok = take_use(c, kek, identity, GetCurrentTimestamp(), dek, wrapped);
+		ok = take_use(c, kek, identity, GetCurrentTimestamp(), want, dek, wrapped,
+					  granted, created_at);
 		wait = !ok && someone_generating(c);
 		if (!ok && !wait)
 		{
@@ -824,8 +851,10 @@ keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped)
 	env_wipe(c->dek, sizeof(c->dek));
 	memcpy(c->identity, identity, DIGEST_LEN);
 	c->version = fresh_wrapped.version;
-	pg_atomic_write_u64(&c->uses, 1);
+	*granted = Max(1, Min(want, envelope_dek_max_uses));
+	pg_atomic_write_u64(&c->uses, *granted);
 	c->created_at = GetCurrentTimestamp();
+	*created_at = c->created_at;
 	c->generating_since = 0;
 	c->generating_pid = 0;
 	c->wrapped_len = fresh_wrapped.len;
@@ -866,8 +895,16 @@ keycache_retire_current(const char *kek_name)
 			pg_atomic_write_u64(&c->uses, 0);
 		}
 	}
+	pg_atomic_fetch_add_u64(&kc->generation, 1);
 	LWLockRelease(env_lock(0));
 	ConditionVariableBroadcast(&kc->dek_ready);
+}
+
+/* The flush generation: changes whenever keys are wiped or retired on purpose. */
+uint64
+keycache_generation(void)
+{
+	return pg_atomic_read_u64(&cache()->generation);
 }
 
 /* Look up a remembered rewrap of wrapped to target's current version. */

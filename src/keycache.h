@@ -9,6 +9,9 @@
 #ifndef ENVELOPE_KEYCACHE_H
 #define ENVELOPE_KEYCACHE_H
 
+#include "datatype/timestamp.h"
+
+#include "crypto.h"
 #include "kek.h"
 #include "kms.h"
 
@@ -28,12 +31,16 @@ extern void keycache_shmem_init(void *region);
 extern void keycache_sweep(void);
 
 /*
- * The data key to encrypt the next value under kek (one use is consumed,
- * counted across all backends), generating a new one through the KMS when
+ * The data key to encrypt the next values under kek: up to want uses are
+ * reserved (*granted, at least 1; counted across all backends, so
+ * envelope.dek_max_uses holds), generating a new key through the KMS when
  * the current one is exhausted, too old, or under an older KEK version.
- * dek receives a copy the caller wipes; wrapped->data is palloc'd.
+ * dek receives a copy the caller wipes; wrapped->data is palloc'd;
+ * *created_at is when the key was generated.
  */
-extern void keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped);
+extern void keycache_current_dek(const KekInfo *kek, int want, uint8 *dek,
+								 KmsWrapped *wrapped, int *granted,
+								 TimestampTz *created_at);
 
 /*
  * The plaintext of a wrapped data key, from the cache or the KMS.  Returns
@@ -43,6 +50,13 @@ extern void keycache_current_dek(const KekInfo *kek, uint8 *dek, KmsWrapped *wra
  * than envelope.kms_outage_grace seconds ago is used instead (and logged).
  */
 extern bool keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek);
+
+/* keycache_unwrap(), also giving a fresh hit's expiry (else 0) in *hit_expires. */
+extern bool keycache_unwrap_ex(const KekInfo *kek, const KmsWrapped *wrapped,
+							   uint8 *dek, TimestampTz *hit_expires);
+
+/* Changes whenever keys are flushed or retired on purpose (not on expiry). */
+extern uint64 keycache_generation(void);
 
 /* Put an unwrapped, verified data key into the cache (resolves a claim). */
 extern void keycache_put(const KekInfo *kek, const KmsWrapped *wrapped, const uint8 *dek);
@@ -66,5 +80,39 @@ extern void keycache_retire_current(const char *kek_name);
 extern int	keycache_flush(const char *kek_name);
 
 extern void keycache_stats(KeyCacheStats *stats);
+
+/*
+ * Backend-local front of the cache (keylocal.c): copies of hot keys used
+ * with no shared lock.  Checked against the shared cache's generation and
+ * their expiry at the first use in each statement and every
+ * KEYLOCAL_RECHECK uses, so TTL, flush and retirement take effect for new
+ * statements.
+ */
+
+/*
+ * The state of the data key that unwraps wrapped (local copy, shared cache
+ * or KMS).  *from_kms as for keycache_unwrap(): the caller checks the key
+ * against the value's commitment and resolves the claim with
+ * keycache_put() or keycache_abandon() (state->dek is the key).  The state
+ * stays valid until the next call.
+ */
+extern const EnvDekState *keycache_get(const KekInfo *kek, const KmsWrapped *wrapped,
+									   bool *from_kms);
+
+/* The same for a key the KMS must unwrap now, bypassing every cache. */
+extern const EnvDekState *keycache_get_uncached(const KekInfo *kek,
+												const KmsWrapped *wrapped);
+
+/*
+ * The state of the data key to encrypt the next value under kek, one use
+ * consumed; *wrapped points at backend memory valid until the next call.
+ */
+extern const EnvDekState *keycache_current(const KekInfo *kek, KmsWrapped *wrapped);
+
+/* Add this backend's uncounted local hits to the shared statistics. */
+extern void keycache_flush_local_counts(void);
+
+/* Wipe this backend's local copies (all, or one KEK's). */
+extern void keycache_forget_local(void);
 
 #endif							/* ENVELOPE_KEYCACHE_H */

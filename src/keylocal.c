@@ -1,0 +1,439 @@
+/*-------------------------------------------------------------------------
+ *
+ * keylocal.c
+ *		Backend-local copies of hot data keys, in front of the shared cache.
+ *
+ * A hit in the shared cache (keycache.c) costs a SHA-256 of the wrapped
+ * key, a partition LWLock and two shared atomics: more than decrypting a
+ * short value.  Each backend therefore keeps up to LOCAL_SLOTS keys that
+ * came from the shared cache, each with its EnvDekState (the AES key
+ * schedule for per-value keys and the key commitment, crypto.c), plus a
+ * reservation of uses of each KEK's current encryption key.
+ *
+ * Rules that keep the shared cache's guarantees (docs/design.md):
+ *	- a local copy is made only from a fresh shared hit and carries that
+ *	  entry's expiry; keys straight from the KMS (not yet verified) and
+ *	  stale keys used during an outage are never kept;
+ *	- at the first use in each statement, and every KEYLOCAL_RECHECK uses
+ *	  within one, the shared generation (bumped by envelope.cache_flush(),
+ *	  KEK rotation and retirement) and the clock are checked: copies from an
+ *	  older generation or past their expiry are wiped.  So TTL, flush and
+ *	  retirement take effect for every new statement;
+ *	- authorization (authz.c) is checked by the callers before a key is
+ *	  looked up, for every value, hit or miss, local or shared;
+ *	- uses of a current encryption key are reserved from the shared counter
+ *	  in batches (1, then doubling up to RESERVE_MAX within a statement), so
+ *	  envelope.dek_max_uses still bounds the values sealed under a key
+ *	  server-wide: a reservation not used up is lost, never reused;
+ *	- copies are wiped on eviction, expiry, generation change and backend
+ *	  exit.  Raw keys live in pages excluded from core dumps
+ *	  (MADV_DONTDUMP) and locked in RAM where the platform allows; the
+ *	  expanded AES key schedules live in OpenSSL's contexts, which OpenSSL
+ *	  cleanses when they are reset.
+ *
+ * Locking: none; everything here is backend-local.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <sys/mman.h>
+
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "audit.h"
+#include "crypto.h"
+#include "envelope.h"
+#include "keycache.h"
+#include "shmem.h"
+
+#define LOCAL_SLOTS			16		/* data keys for decryption */
+#define LOCAL_CURRENTS		8		/* KEKs with a reservation for encryption */
+#define KEYLOCAL_RECHECK	4096	/* uses between checks within a statement */
+#define RESERVE_MAX			256		/* largest reservation of uses */
+#define HITS_BATCH			256		/* local hits counted before publishing */
+
+/* A local copy of a cached data key. */
+typedef struct LocalDek
+{
+	bool		used;
+	int32		version;
+	int			wrapped_len;
+	uint8	   *wrapped;		/* TopMemoryContext */
+	char	   *provider;		/* TopMemoryContext */
+	char	   *key_ref;		/* TopMemoryContext */
+	TimestampTz expires_at;		/* the shared entry's */
+	uint64		last_use;		/* LRU stamp */
+	EnvDekState state;
+} LocalDek;
+
+/* Uses of a KEK's current data key reserved by this backend. */
+typedef struct LocalCurrent
+{
+	bool		used;
+	char		kek_name[NAMEDATALEN];
+	char	   *provider;		/* TopMemoryContext */
+	char	   *key_ref;		/* TopMemoryContext */
+	int32		version;
+	TimestampTz created_at;
+	int			left;			/* reserved uses not yet consumed */
+	int			batch;			/* size of the last reservation */
+	uint64		batch_statement;	/* statement that made it */
+	int			wrapped_len;
+	uint8	   *wrapped;		/* TopMemoryContext, ENV_MAX_WRAPPED_LEN */
+	EnvDekState state;
+} LocalCurrent;
+
+/* Everything holding key material, in its own protected pages. */
+typedef struct LocalKeys
+{
+	LocalDek	deks[LOCAL_SLOTS];
+	LocalCurrent currents[LOCAL_CURRENTS];
+	EnvDekState scratch;		/* a key not kept: from the KMS, or stale */
+} LocalKeys;
+
+static LocalKeys *lk = NULL;
+static uint64 lk_generation = 0;
+static uint64 lk_checked_statement = 0;
+static bool lk_checked = false;
+static uint32 uses_since_check = 0;
+static uint64 lk_clock = 0;
+static int64 pending_hits = 0;
+
+static void keylocal_exit(int code, Datum arg);
+
+/* Map the protected pages for local keys on first use. */
+static void
+local_setup(void)
+{
+	Size		size;
+	void	   *p;
+
+	if (lk != NULL)
+		return;
+	size = TYPEALIGN(8192, sizeof(LocalKeys));
+	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory"),
+				 errdetail("Could not map %zu bytes for the backend's key copies: %m.", size)));
+#ifdef MADV_DONTDUMP
+	(void) madvise(p, size, MADV_DONTDUMP);
+#endif
+	(void) mlock(p, size);
+	lk = (LocalKeys *) p;
+	before_shmem_exit(keylocal_exit, (Datum) 0);
+}
+
+/* Free a string or buffer kept in TopMemoryContext. */
+static void
+free_kept(void *p)
+{
+	if (p != NULL)
+		pfree(p);
+}
+
+/* Copy a string into TopMemoryContext. */
+static char *
+keep_string(const char *s)
+{
+	return MemoryContextStrdup(TopMemoryContext, s);
+}
+
+/* Wipe one local copy. */
+static void
+dek_clear(LocalDek *d)
+{
+	env_dek_state_clear(&d->state);
+	free_kept(d->wrapped);
+	free_kept(d->provider);
+	free_kept(d->key_ref);
+	d->wrapped = NULL;
+	d->provider = NULL;
+	d->key_ref = NULL;
+	d->used = false;
+}
+
+/* Wipe one reservation (its unused uses are lost). */
+static void
+current_clear(LocalCurrent *c)
+{
+	env_dek_state_clear(&c->state);
+	free_kept(c->provider);
+	free_kept(c->key_ref);
+	c->provider = NULL;
+	c->key_ref = NULL;
+	c->left = 0;
+	c->used = false;
+}
+
+/* Wipe this backend's local copies and reservations. */
+void
+keycache_forget_local(void)
+{
+	if (lk == NULL)
+		return;
+	for (int i = 0; i < LOCAL_SLOTS; i++)
+		if (lk->deks[i].used)
+			dek_clear(&lk->deks[i]);
+	for (int i = 0; i < LOCAL_CURRENTS; i++)
+		if (lk->currents[i].used)
+			current_clear(&lk->currents[i]);
+	env_dek_state_clear(&lk->scratch);
+}
+
+/* Add this backend's uncounted local hits to the shared statistics. */
+void
+keycache_flush_local_counts(void)
+{
+	if (pending_hits > 0)
+	{
+		env_count(CNT_HITS, pending_hits);
+		pending_hits = 0;
+	}
+}
+
+/* Backend exit: publish counts, wipe keys. */
+static void
+keylocal_exit(int code, Datum arg)
+{
+	keycache_flush_local_counts();
+	keycache_forget_local();
+}
+
+/*
+ * Drop copies the shared cache no longer vouches for: all of them after a
+ * flush or retirement (generation change), else those past their expiry,
+ * and reservations past envelope.dek_max_age.
+ */
+static void
+local_check(void)
+{
+	uint64		generation = keycache_generation();
+	TimestampTz now = GetCurrentTimestamp();
+
+	keycache_flush_local_counts();
+	if (generation != lk_generation)
+	{
+		keycache_forget_local();
+		lk_generation = generation;
+	}
+	else
+	{
+		for (int i = 0; i < LOCAL_SLOTS; i++)
+			if (lk->deks[i].used && lk->deks[i].expires_at <= now)
+				dek_clear(&lk->deks[i]);
+		for (int i = 0; i < LOCAL_CURRENTS; i++)
+			if (lk->currents[i].used &&
+				now - lk->currents[i].created_at >=
+				(TimestampTz) envelope_dek_max_age * USECS_PER_SEC)
+				current_clear(&lk->currents[i]);
+	}
+	lk_checked_statement = env_statement_id;
+	lk_checked = true;
+	uses_since_check = 0;
+}
+
+/* Check at the first use in a statement and every KEYLOCAL_RECHECK uses. */
+static inline void
+local_maybe_check(void)
+{
+	local_setup();
+	if (!lk_checked || lk_checked_statement != env_statement_id ||
+		++uses_since_check >= KEYLOCAL_RECHECK)
+		local_check();
+}
+
+/* The local copy of a wrapped key, or NULL. */
+static LocalDek *
+local_find(const KekInfo *kek, const KmsWrapped *wrapped)
+{
+	for (int i = 0; i < LOCAL_SLOTS; i++)
+	{
+		LocalDek   *d = &lk->deks[i];
+
+		if (d->used && d->version == wrapped->version &&
+			d->wrapped_len == wrapped->len &&
+			memcmp(d->wrapped, wrapped->data, wrapped->len) == 0 &&
+			strcmp(d->key_ref, kek->key_ref) == 0 &&
+			strcmp(d->provider, kek->provider_name) == 0)
+			return d;
+	}
+	return NULL;
+}
+
+/* Keep a copy of a key from a fresh shared hit (evicting the LRU copy). */
+static LocalDek *
+local_install(const KekInfo *kek, const KmsWrapped *wrapped, const uint8 *dek,
+			  TimestampTz expires_at)
+{
+	LocalDek   *d = NULL;
+
+	for (int i = 0; i < LOCAL_SLOTS && (d == NULL || d->used); i++)
+		if (d == NULL || !lk->deks[i].used || lk->deks[i].last_use < d->last_use)
+			d = &lk->deks[i];
+	if (d->used)
+		dek_clear(d);
+	d->wrapped = MemoryContextAlloc(TopMemoryContext, wrapped->len);
+	memcpy(d->wrapped, wrapped->data, wrapped->len);
+	d->wrapped_len = wrapped->len;
+	d->version = wrapped->version;
+	d->provider = keep_string(kek->provider_name);
+	d->key_ref = keep_string(kek->key_ref);
+	d->expires_at = expires_at;
+	d->last_use = ++lk_clock;
+	env_dek_state_init(&d->state, dek);
+	d->used = true;
+	return d;
+}
+
+/* The state of the data key that unwraps wrapped: local, shared or KMS. */
+const EnvDekState *
+keycache_get(const KekInfo *kek, const KmsWrapped *wrapped, bool *from_kms)
+{
+	uint8		dek[ENV_KEY_LEN];
+	TimestampTz hit_expires = 0;
+	LocalDek   *d;
+	const EnvDekState *result;
+	volatile bool claimed = false;
+
+	*from_kms = false;
+	local_maybe_check();
+	d = local_find(kek, wrapped);
+	if (d != NULL)
+	{
+		d->last_use = ++lk_clock;
+		if (++pending_hits >= HITS_BATCH)
+			keycache_flush_local_counts();
+		return &d->state;
+	}
+
+	PG_TRY();
+	{
+		claimed = keycache_unwrap_ex(kek, wrapped, dek, &hit_expires);
+		if (!claimed && hit_expires != 0)
+			result = &local_install(kek, wrapped, dek, hit_expires)->state;
+		else
+		{
+			/* Unverified (from the KMS) or stale: used once, not kept. */
+			env_dek_state_init(&lk->scratch, dek);
+			result = &lk->scratch;
+		}
+	}
+	PG_CATCH();
+	{
+		env_wipe(dek, sizeof(dek));
+		if (claimed)
+			keycache_abandon(kek, wrapped);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	env_wipe(dek, sizeof(dek));
+	*from_kms = claimed;
+	return result;
+}
+
+/* A KEK's reservation slot: its own, a free one, or the oldest. */
+static LocalCurrent *
+current_slot(const KekInfo *kek)
+{
+	LocalCurrent *c = NULL;
+
+	for (int i = 0; i < LOCAL_CURRENTS; i++)
+		if (lk->currents[i].used && strcmp(lk->currents[i].kek_name, kek->name) == 0)
+			return &lk->currents[i];
+	for (int i = 0; i < LOCAL_CURRENTS; i++)
+		if (c == NULL || !lk->currents[i].used ||
+			(c->used && lk->currents[i].created_at < c->created_at))
+			c = &lk->currents[i];
+	if (c->used)
+		current_clear(c);
+	strlcpy(c->kek_name, kek->name, NAMEDATALEN);
+	return c;
+}
+
+/* Reserve uses of the KEK's current data key from the shared cache. */
+static void
+current_refill(LocalCurrent *c, const KekInfo *kek)
+{
+	uint8		dek[ENV_KEY_LEN];
+	KmsWrapped	w;
+	int			want;
+	int			granted = 0;
+	TimestampTz created_at = 0;
+
+	/* 1 for a statement's first value, then doubling: few uses are lost. */
+	want = (c->used && c->batch_statement == env_statement_id) ?
+		Min(c->batch * 2, RESERVE_MAX) : 1;
+	current_clear(c);
+	PG_TRY();
+	{
+		keycache_current_dek(kek, want, dek, &w, &granted, &created_at);
+		if (c->wrapped == NULL)
+			c->wrapped = MemoryContextAlloc(TopMemoryContext, ENV_MAX_WRAPPED_LEN);
+		memcpy(c->wrapped, w.data, w.len);
+		c->wrapped_len = w.len;
+		c->version = w.version;
+		c->provider = keep_string(kek->provider_name);
+		c->key_ref = keep_string(kek->key_ref);
+		c->created_at = created_at;
+		c->batch = want;
+		c->batch_statement = env_statement_id;
+		env_dek_state_init(&c->state, dek);
+		c->left = granted;
+		c->used = true;
+	}
+	PG_FINALLY();
+	{
+		env_wipe(dek, sizeof(dek));
+	}
+	PG_END_TRY();
+	pfree(w.data);
+}
+
+/* The state of the data key for the next value under kek; one use consumed. */
+const EnvDekState *
+keycache_current(const KekInfo *kek, KmsWrapped *wrapped)
+{
+	LocalCurrent *c;
+
+	local_maybe_check();
+	c = current_slot(kek);
+	if (!c->used || c->left <= 0 || c->version < kek->latest_version ||
+		strcmp(c->provider, kek->provider_name) != 0 ||
+		strcmp(c->key_ref, kek->key_ref) != 0)
+		current_refill(c, kek);
+	c->left--;
+	wrapped->version = c->version;
+	wrapped->data = c->wrapped;
+	wrapped->len = c->wrapped_len;
+	return &c->state;
+}
+
+/*
+ * The state of a data key unwrapped by the KMS now, bypassing every cache
+ * (values on a retired KEK version: the KMS decides).  Valid until the next
+ * call of this or keycache_get().
+ */
+const EnvDekState *
+keycache_get_uncached(const KekInfo *kek, const KmsWrapped *wrapped)
+{
+	uint8		dek[ENV_KEY_LEN];
+
+	local_setup();
+	PG_TRY();
+	{
+		kms_unwrap(kek->provider, kek->key_ref, wrapped, dek);
+		env_dek_state_init(&lk->scratch, dek);
+	}
+	PG_FINALLY();
+	{
+		env_wipe(dek, sizeof(dek));
+	}
+	PG_END_TRY();
+	return &lk->scratch;
+}
