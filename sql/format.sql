@@ -9,7 +9,7 @@ SELECT left(v::text, 4) AS prefix FROM fmt;
 SELECT (v::text)::enc_bytea::text = v::text AS text_roundtrip FROM fmt;
 SELECT dec_text((v::text)::enc_bytea) FROM fmt;
 
--- Layout: version 1, algorithm 1, 88-byte header, KEK section, ciphertext, tag.
+-- Layout: version 1, algorithm 2, 88-byte header, KEK section, ciphertext, tag.
 SELECT get_byte(raw(v), 0) AS format_version, get_byte(raw(v), 1) AS algorithm,
 	   length(raw(v)) = 88 + (1 + 9) + (1 + 5) + (2 + 9) + 4 + (2 + 60) + 11 + 16 AS length_as_documented
 FROM fmt;

@@ -86,14 +86,17 @@ PG_FUNCTION_INFO_V1(envelope_fingerprint);
 #define AUDIT_PREFIX		"ENVELOPE AUDIT: "
 #define AUDIT_MAX_AGGS		32	/* aggregates a backend keeps per statement */
 #define AUDIT_SLOT_AGGS		8	/* aggregates a mailbox holds */
+#define AUDIT_SLOT_SUMS		8	/* summary aggregates a backend's slot holds */
 #define AUDIT_MAX_KEY		64	/* HMAC block size; longer keys are hashed */
 
-int			envelope_audit = ENV_AUDIT_STATEMENT;
+int			envelope_audit = ENV_AUDIT_SUMMARY;
+int			envelope_audit_summary_interval = 1000;	/* milliseconds */
 char	   *envelope_audit_hmac_key_file = NULL;
 uint64		env_statement_id = 0;
 
 static const struct config_enum_entry audit_options[] = {
 	{"off", ENV_AUDIT_OFF, false},
+	{"summary", ENV_AUDIT_SUMMARY, false},
 	{"statement", ENV_AUDIT_STATEMENT, false},
 	{"value", ENV_AUDIT_VALUE, false},
 	{NULL, 0, false}
@@ -112,14 +115,35 @@ typedef struct AuditAgg
 	int64		hits;
 	int64		kms_calls;
 	int32		workers;		/* parallel workers whose counts are in it */
+	int64		statements;		/* summary: statements counted in it */
+	int64		query_id;		/* summary: the statements' query_id */
 } AuditAgg;
 
-/* A backend's mailbox, where its parallel workers leave their counts. */
+/* Who a summary record is about: the session fields of add_common(). */
+typedef struct AuditWho
+{
+	char		session_user[NAMEDATALEN];
+	char		db[NAMEDATALEN];
+	char		app[NAMEDATALEN];
+	char		client[128];
+	int			pid;
+} AuditWho;
+
+/*
+ * A backend's slot: the mailbox where its parallel workers leave their
+ * counts, and its pending summary (envelope.audit = summary), which the
+ * backend or the sweeper writes once it is envelope.audit_summary_interval
+ * old.  The spinlock protects both.
+ */
 typedef struct AuditSlot
 {
 	slock_t		mutex;
 	int			n;
 	AuditAgg	agg[AUDIT_SLOT_AGGS];
+	int			nsum;
+	TimestampTz sum_since;		/* when the oldest pending count was added */
+	AuditWho	who;
+	AuditAgg	sum[AUDIT_SLOT_SUMS];
 } AuditSlot;
 
 typedef struct AuditShared
@@ -324,6 +348,34 @@ audit_note_users(void)
 	}
 }
 
+/* The session fields of records about this backend. */
+static void
+current_who(AuditWho *w)
+{
+	memset(w, 0, sizeof(*w));
+	strlcpy(w->session_user, session_name, sizeof(w->session_user));
+	strlcpy(w->db, db_name ? db_name : "", sizeof(w->db));
+	strlcpy(w->app, application_name ? application_name : "", sizeof(w->app));
+	strlcpy(w->client, client_addr ? client_addr : (MyProcPort ? "[local]" : ""),
+			sizeof(w->client));
+	w->pid = MyProcPid;
+}
+
+/* add_common() for a summary record, from the fields kept in a slot. */
+static void
+add_common_who(StringInfo buf, const char *event, const char *user,
+			   const AuditWho *w, int64 query_id)
+{
+	appendStringInfoString(buf, "\"event\": ");
+	escape_json(buf, event);
+	add_str(buf, "user", user);
+	add_str(buf, "session_user", w->session_user);
+	add_str(buf, "db", w->db[0] ? w->db : NULL);
+	add_str(buf, "app", w->app);
+	add_str(buf, "client", w->client[0] ? w->client : NULL);
+	appendStringInfo(buf, ", \"pid\": %d, \"query_id\": " INT64_FORMAT, w->pid, query_id);
+}
+
 /* The fields every record has after "event", up to query_id. */
 static void
 add_common(StringInfo buf, const char *event, const char *user)
@@ -349,22 +401,30 @@ to_hex(const uint8 *in, int len, char *out)
 	out[hex_encode((const char *) in, len, out)] = '\0';
 }
 
+/* Append a time in UTC as 2026-11-29T10:00:00.000001Z. */
+static void
+append_utc(StringInfo buf, TimestampTz t)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+
+	if (timestamp2tm(t, NULL, &tm, &fsec, NULL, NULL) == 0)
+		appendStringInfo(buf, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ",
+						 tm.tm_year, tm.tm_mon, tm.tm_mday,
+						 tm.tm_hour, tm.tm_min, tm.tm_sec, (int) fsec);
+}
+
 /* Number, sign and write one record; the caller holds audit_lock. */
 static void
 emit_locked(const char *fields)
 {
 	StringInfoData rec;
-	struct pg_tm tm;
-	fsec_t		fsec;
 	TimestampTz now = GetCurrentTimestamp();
 
 	initStringInfo(&rec);
 	audit_shared->seq++;
 	appendStringInfo(&rec, "{\"seq\": " UINT64_FORMAT ", \"ts\": \"", audit_shared->seq);
-	if (timestamp2tm(now, NULL, &tm, &fsec, NULL, NULL) == 0)
-		appendStringInfo(&rec, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ",
-						 tm.tm_year, tm.tm_mon, tm.tm_mday,
-						 tm.tm_hour, tm.tm_min, tm.tm_sec, (int) fsec);
+	append_utc(&rec, now);
 	appendStringInfo(&rec, "\", %s", fields);
 	if (audit_shared->have_key)
 	{
@@ -540,6 +600,152 @@ audit_collect_workers(void)
 			emit_agg(&got[i], "ok");
 }
 
+/* Write one summary record. */
+static void
+emit_summary(const AuditAgg *a, const AuditWho *w, TimestampTz since)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	add_common_who(&buf, use_names[a->use], a->user, w, a->query_id);
+	add_str(&buf, "kek", a->kek);
+	appendStringInfo(&buf, ", \"kek_version\": %d, \"statements\": " INT64_FORMAT
+					 ", \"values\": " INT64_FORMAT ", \"cache_hits\": " INT64_FORMAT
+					 ", \"kms_calls\": " INT64_FORMAT ", \"workers\": %d",
+					 a->version, a->statements, a->values, a->hits, a->kms_calls,
+					 a->workers);
+	appendStringInfoString(&buf, ", \"since\": \"");
+	append_utc(&buf, since);
+	appendStringInfoChar(&buf, '"');
+	add_str(&buf, "outcome", "ok");
+	audit_emit(buf.data);
+	pfree(buf.data);
+}
+
+/*
+ * Take a slot's pending summary and write it, if there is one and (unless
+ * force) it is envelope.audit_summary_interval old.  The backend (at a
+ * statement's end, at exit) and the sweeper both call this; the spinlock
+ * makes sure each count is written once.
+ */
+static void
+summary_write(AuditSlot *slot, bool force)
+{
+	AuditAgg	got[AUDIT_SLOT_SUMS];
+	AuditWho	who;
+	TimestampTz since;
+	int			ngot = 0;
+
+	if (slot == NULL || slot->nsum == 0)	/* unlocked peek: a hint only */
+		return;
+	SpinLockAcquire(&slot->mutex);
+	since = slot->sum_since;
+	if (slot->nsum > 0 &&
+		(force || GetCurrentTimestamp() - since >=
+		 (TimestampTz) envelope_audit_summary_interval * 1000))
+	{
+		ngot = slot->nsum;
+		memcpy(got, slot->sum, sizeof(AuditAgg) * ngot);
+		who = slot->who;
+		slot->nsum = 0;
+	}
+	SpinLockRelease(&slot->mutex);
+	for (int i = 0; i < ngot; i++)
+		emit_summary(&got[i], &who, since);
+}
+
+/*
+ * envelope.audit = summary, at the end of a top-level statement: add this
+ * statement's counts to the backend's pending summary (one aggregate per
+ * use, KEK version, user and query_id, in shared memory so the sweeper can
+ * write it if the session goes idle), and write the summary once it is
+ * envelope.audit_summary_interval old.
+ */
+static void
+summary_add(void)
+{
+	AuditSlot  *slot = audit_slot(false);
+	AuditWho	who;
+	AuditAgg	left[AUDIT_MAX_AGGS];
+	int			nleft = 0;
+	int64		query_id = (int64) pgstat_get_my_query_id();
+	TimestampTz now = GetCurrentTimestamp();
+	bool		other_session;
+
+	if (slot == NULL)
+	{
+		audit_flush("ok");
+		return;
+	}
+	current_who(&who);
+	SpinLockAcquire(&slot->mutex);
+	/* A summary of other session fields (application_name changed) goes first. */
+	other_session = slot->nsum > 0 && memcmp(&slot->who, &who, sizeof(who)) != 0;
+	SpinLockRelease(&slot->mutex);
+	if (other_session)
+		summary_write(slot, true);
+
+	SpinLockAcquire(&slot->mutex);
+	if (slot->nsum == 0)
+	{
+		slot->sum_since = now;
+		slot->who = who;
+	}
+	for (int i = 0; i < naggs; i++)
+	{
+		AuditAgg   *a = &aggs[i];
+		int			j;
+
+		for (j = 0; j < slot->nsum; j++)
+		{
+			AuditAgg   *e = &slot->sum[j];
+
+			if (e->use == a->use && e->version == a->version &&
+				e->query_id == query_id &&
+				strcmp(e->kek, a->kek) == 0 && strcmp(e->user, a->user) == 0)
+				break;
+		}
+		if (j == slot->nsum && slot->nsum < AUDIT_SLOT_SUMS)
+		{
+			slot->sum[j] = *a;
+			slot->sum[j].values = slot->sum[j].hits = slot->sum[j].kms_calls = 0;
+			slot->sum[j].workers = 0;
+			slot->sum[j].statements = 0;
+			slot->sum[j].query_id = query_id;
+			slot->nsum++;
+		}
+		if (j < slot->nsum)
+		{
+			slot->sum[j].values += a->values;
+			slot->sum[j].hits += a->hits;
+			slot->sum[j].kms_calls += a->kms_calls;
+			slot->sum[j].workers += a->workers;
+			slot->sum[j].statements++;
+		}
+		else
+			left[nleft++] = *a;
+	}
+	SpinLockRelease(&slot->mutex);
+	naggs = 0;
+	last_agg = -1;
+	failed_since_use = false;
+
+	/* A statement with more kinds of use than the slot holds: write the rest now. */
+	for (int i = 0; i < nleft; i++)
+		emit_agg(&left[i], "ok");
+	summary_write(slot, nleft > 0);
+}
+
+/* The sweeper: write pending summaries of idle sessions that are due. */
+void
+env_audit_sweep(void)
+{
+	if (audit_shared == NULL)
+		return;
+	for (int i = 0; i < audit_shared->nslots; i++)
+		summary_write(&audit_shared->slots[i], false);
+}
+
 /*
  * A top-level statement starts: write what an earlier one left behind.  That
  * is a statement that failed inside a savepoint (a subtransaction aborted),
@@ -560,6 +766,8 @@ audit_statement_start(void)
 			SpinLockAcquire(&slot->mutex);
 			slot->n = 0;
 			SpinLockRelease(&slot->mutex);
+			/* A summary a previous backend left here is written, not lost. */
+			summary_write(slot, true);
 		}
 		slot_cleared = true;
 		if (!exit_cb_registered)
@@ -589,8 +797,12 @@ audit_statement_end(void)
 	else
 	{
 		audit_collect_workers();
-		if (naggs > 0)
+		if (naggs > 0 && envelope_audit == ENV_AUDIT_SUMMARY)
+			summary_add();
+		else if (naggs > 0)
 			audit_flush("ok");
+		else if (envelope_audit == ENV_AUDIT_SUMMARY)
+			summary_write(audit_slot(false), false);
 	}
 }
 
@@ -642,6 +854,8 @@ audit_exit_cb(int code, Datum arg)
 	audit_collect_workers();
 	if (naggs > 0)
 		audit_flush("error");
+	if (!IsParallelWorker())
+		summary_write(audit_slot(false), true);
 }
 
 /* ExecutorStart hook: a new top-level statement. */
@@ -761,12 +975,22 @@ env_audit_init(void)
 	DefineCustomEnumVariable("envelope.audit",
 							 "Which key uses are written to the server log as audit records.",
 							 "off: none (KEK management and refusals are always recorded); "
+							 "summary: per session, one record per query, KEK version and user "
+							 "every envelope.audit_summary_interval; "
 							 "statement: one record per KEK version a statement used; "
 							 "value: also one record per decrypted value.",
 							 &envelope_audit,
-							 ENV_AUDIT_STATEMENT, audit_options,
+							 ENV_AUDIT_SUMMARY, audit_options,
 							 PGC_SUSET, 0,
 							 NULL, NULL, NULL);
+
+	DefineCustomIntVariable("envelope.audit_summary_interval",
+							"Longest time counts wait in a session's pending summary record.",
+							"With envelope.audit = summary; failed statements are written at once.",
+							&envelope_audit_summary_interval,
+							1000, 100, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
 	DefineCustomStringVariable("envelope.audit_hmac_key_file",
 							   "File holding the key that signs the chain of audit records.",
 							   "At least 32 bytes, readable only by the server; read at server start.",

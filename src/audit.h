@@ -1,8 +1,9 @@
 /*-------------------------------------------------------------------------
  *
  * audit.h
- *		The audit trail: one tamper-evident log record per statement (or per
- *		value) that used keys, and per key-management event.
+ *		The audit trail: tamper-evident log records of key use (per session
+ *		and query over a short interval, per statement, or per value) and of
+ *		key management.
  *
  *-------------------------------------------------------------------------
  */
@@ -15,6 +16,7 @@
 typedef enum EnvAuditLevel
 {
 	ENV_AUDIT_OFF,
+	ENV_AUDIT_SUMMARY,
 	ENV_AUDIT_STATEMENT,
 	ENV_AUDIT_VALUE
 } EnvAuditLevel;
@@ -28,6 +30,7 @@ typedef enum EnvAuditUse
 } EnvAuditUse;
 
 extern int	envelope_audit;
+extern int	envelope_audit_summary_interval;	/* milliseconds */
 extern char *envelope_audit_hmac_key_file;
 
 /* Incremented when a top-level statement starts (any backend-local use). */
@@ -57,6 +60,9 @@ extern void env_audit(const char *event, const char *kek, int32 version, const c
  */
 extern void env_audit_use(EnvAuditUse use, const char *kek, int32 version,
 						  int64 kms_calls, const void *value, Size value_len);
+
+/* The sweeper: write pending summaries that are due (idle sessions). */
+extern void env_audit_sweep(void);
 
 /* Record a refused key use at once (before the caller raises 42501). */
 extern void env_audit_denied(const char *kek, int32 version, const char *privilege);

@@ -62,8 +62,8 @@ PG_FUNCTION_INFO_V1(envelope_needs_rewrap);
 	((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY)
 
 /* The KEK named by argument argno, or envelope.default_kek. */
-static void
-kek_from_arg(FunctionCallInfo fcinfo, int argno, KekInfo *kek)
+static const KekInfo *
+kek_from_arg(FunctionCallInfo fcinfo, int argno)
 {
 	char	   *name;
 
@@ -76,7 +76,7 @@ kek_from_arg(FunctionCallInfo fcinfo, int argno, KekInfo *kek)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("no KEK given and envelope.default_kek is not set"),
 				 errhint("Pass a KEK name to enc(), or set envelope.default_kek.")));
-	kek_lookup(name, kek, false);
+	return kek_find(name);
 }
 
 /* The context argument as bytes (NULL means empty). */
@@ -97,11 +97,31 @@ context_arg(FunctionCallInfo fcinfo, int argno, const uint8 **ctx, int *ctx_len)
 	}
 }
 
+/*
+ * The time to record as a value's created_at (microseconds since 1970):
+ * the clock, read again at each statement's first value and every 64th.
+ */
+static int64
+seal_time(void)
+{
+	static uint64 statement = 0;
+	static int	uses = 0;
+	static int64 when = 0;
+
+	if (statement != env_statement_id || ++uses >= 64 || when == 0)
+	{
+		statement = env_statement_id;
+		uses = 0;
+		when = GetCurrentTimestamp() + UNIX_EPOCH_OFFSET_USECS;
+	}
+	return when;
+}
+
 /* Encrypt len bytes of plaintext into a new enc_bytea value. */
 static bytea *
 encrypt_value(FunctionCallInfo fcinfo, const uint8 *plaintext, int len, uint16 type_flag)
 {
-	KekInfo		kek;
+	const KekInfo *kek;
 	KmsWrapped	wrapped;
 	EnvKekRef	ref;
 	const EnvDekState *ks;
@@ -120,43 +140,43 @@ encrypt_value(FunctionCallInfo fcinfo, const uint8 *plaintext, int len, uint16 t
 
 	env_require_shared();
 	env_redact_note_use();
-	kek_from_arg(fcinfo, 1, &kek);
-	env_authorize(&kek, ENV_PRIV_ENCRYPT, kek.latest_version);
+	kek = kek_from_arg(fcinfo, 1);
+	env_authorize(kek, ENV_PRIV_ENCRYPT, kek->latest_version);
 	context_arg(fcinfo, 2, &ctx, &ctx_len);
 	flags = type_flag | (ctx_len > 0 ? ENV_FLAG_CONTEXT : 0);
 
 	memset(&ref, 0, sizeof(ref));
-	ref.kek_name = kek.name;
-	ref.kek_name_len = strlen(kek.name);
-	ref.provider = kek.provider_name;
-	ref.provider_len = strlen(kek.provider_name);
-	ref.key_ref = kek.key_ref;
-	ref.key_ref_len = strlen(kek.key_ref);
+	ref.kek_name = kek->name;
+	ref.kek_name_len = strlen(kek->name);
+	ref.provider = kek->provider_name;
+	ref.provider_len = strlen(kek->provider_name);
+	ref.key_ref = kek->key_ref;
+	ref.key_ref_len = strlen(kek->key_ref);
 
-	/* Allocate before touching keys, so running out of memory leaks nothing. */
+	/* The text form (base64, 4/3 larger) must fit in 1 GB too, for COPY and pg_dump. */
 	total = (Size) ENV_HEADER_LEN + 1 + ref.kek_name_len + 1 + ref.provider_len +
 		2 + ref.key_ref_len + 4 + 2 + ENV_MAX_WRAPPED_LEN + (Size) len + ENV_TAG_LEN;
-	/* The text form (base64, 4/3 larger) must fit in 1 GB too, for COPY and pg_dump. */
 	if (total > ((Size) MaxAllocSize - 16) / 4 * 3)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("value is too large to encrypt"),
 				 errdetail("The plaintext has %d bytes; enc_bytea values are limited to about 760 MB so that their text form fits in 1 GB.", len)));
+
+	/* The key state stays in the key cache: nothing to wipe if this fails. */
+	ks = keycache_current(kek, &wrapped);
+	ref.kek_version = (uint32) wrapped.version;
+	ref.wrapped = wrapped.data;
+	ref.wrapped_len = wrapped.len;
+	total = ENV_HEADER_LEN + env_kek_section_len(&ref) + (Size) len + ENV_TAG_LEN;
 	result = (bytea *) palloc(VARHDRSZ + total);
 
 	PG_TRY();
 	{
-		ks = keycache_current(&kek, &wrapped);
-		ref.kek_version = (uint32) wrapped.version;
-		ref.wrapped = wrapped.data;
-		ref.wrapped_len = wrapped.len;
-
 		env_fresh_bytes(fresh, sizeof(fresh));
 		env_value_key(ks, ENV_ALGO_CURRENT, salt, value_key, commit);
 
 		p = (uint8 *) VARDATA(result);
-		env_write_header(p, ENV_ALGO_CURRENT, flags,
-						 GetCurrentTimestamp() + UNIX_EPOCH_OFFSET_USECS,
+		env_write_header(p, ENV_ALGO_CURRENT, flags, seal_time(),
 						 salt, nonce, commit);
 		p += ENV_HEADER_LEN;
 		p += env_write_kek_section(p, &ref);
@@ -170,7 +190,7 @@ encrypt_value(FunctionCallInfo fcinfo, const uint8 *plaintext, int len, uint16 t
 		env_wipe(value_key, sizeof(value_key));
 	}
 	PG_END_TRY();
-	env_audit_use(ENV_USE_ENCRYPT, kek.name, (int32) ref.kek_version,
+	env_audit_use(ENV_USE_ENCRYPT, kek->name, (int32) ref.kek_version,
 				  (int64) (env_backend_kms_calls - calls_before), NULL, 0);
 	return result;
 }
@@ -214,9 +234,11 @@ value_wrapped(const EnvValue *v, KmsWrapped *w)
 static bytea *
 decrypt_value(FunctionCallInfo fcinfo)
 {
+	struct varlena *stored = (struct varlena *) PG_GETARG_POINTER(0);
 	struct varlena *datum = PG_GETARG_VARLENA_PP(0);
+	uint8	   *out;
 	EnvValue	v;
-	KekInfo		kek;
+	const KekInfo *kek;
 	KmsWrapped	wrapped;
 	const EnvDekState *ks;
 	const uint8 *ctx;
@@ -234,11 +256,27 @@ decrypt_value(FunctionCallInfo fcinfo)
 	env_redact_note_use();
 	env_parse_datum(datum, &v);
 	context_arg(fcinfo, 1, &ctx, &ctx_len);
-	kek_for_value(&v.kek, &kek);
-	env_authorize(&kek, ENV_PRIV_DECRYPT, (int32) v.kek.kek_version);
+	kek = kek_of_value(&v.kek);
+	env_authorize(kek, ENV_PRIV_DECRYPT, (int32) v.kek.kek_version);
 	value_wrapped(&v, &wrapped);
-	result = (bytea *) palloc(VARHDRSZ + v.ciphertext_len);
-	SET_VARSIZE(result, VARHDRSZ + v.ciphertext_len);
+
+	/*
+	 * A value that was detoasted is a private copy: decrypt it in place and
+	 * slide the plaintext to the front, instead of writing a second buffer
+	 * (large values).  A value read straight from a buffer page gets a new
+	 * result, and so does every value when envelope.audit = value (its
+	 * record fingerprints the stored bytes).
+	 */
+	if (datum != stored && !VARATT_IS_SHORT(datum) && envelope_audit != ENV_AUDIT_VALUE)
+	{
+		result = (bytea *) datum;
+		out = (uint8 *) v.ciphertext;
+	}
+	else
+	{
+		result = (bytea *) palloc(VARHDRSZ + v.ciphertext_len);
+		out = (uint8 *) VARDATA(result);
+	}
 
 	PG_TRY();
 	{
@@ -248,11 +286,11 @@ decrypt_value(FunctionCallInfo fcinfo)
 		 * also holds on a standby, where the trigger that wipes retired keys
 		 * from the cache does not run.
 		 */
-		if ((int32) v.kek.kek_version < kek.min_decryption_version)
-			ks = keycache_get_uncached(&kek, &wrapped);
+		if ((int32) v.kek.kek_version < kek->min_decryption_version)
+			ks = keycache_get_uncached(kek, &wrapped);
 		else
 		{
-			ks = keycache_get(&kek, &wrapped, &claimed);
+			ks = keycache_get(kek, &wrapped, &claimed);
 			from_kms = claimed;
 		}
 		env_value_key(ks, v.algo, v.salt, value_key, commit);
@@ -261,21 +299,20 @@ decrypt_value(FunctionCallInfo fcinfo)
 		if (from_kms)
 		{
 			if (committed)
-				keycache_put(&kek, &wrapped, ks->dek);
+				keycache_put(kek, &wrapped, ks->dek);
 			else
-				keycache_abandon(&kek, &wrapped);
+				keycache_abandon(kek, &wrapped);
 			from_kms = false;
 		}
 		if (committed)
 			opened = env_open(value_key, v.nonce, v.header, ctx, ctx_len,
-							  v.ciphertext, v.ciphertext_len, v.tag,
-							  (uint8 *) VARDATA(result));
+							  v.ciphertext, v.ciphertext_len, v.tag, out);
 	}
 	PG_FINALLY();
 	{
 		env_wipe(value_key, sizeof(value_key));
 		if (from_kms)
-			keycache_abandon(&kek, &wrapped);
+			keycache_abandon(kek, &wrapped);
 	}
 	PG_END_TRY();
 
@@ -297,9 +334,13 @@ decrypt_value(FunctionCallInfo fcinfo)
 				 (!bound && ctx_len > 0) ?
 				 errhint("The value was encrypted without a context.") : 0));
 	}
-	env_audit_use(ENV_USE_DECRYPT, kek.name, (int32) v.kek.kek_version,
+	env_audit_use(ENV_USE_DECRYPT, kek->name, (int32) v.kek.kek_version,
 				  (int64) (env_backend_kms_calls - calls_before),
-				  VARDATA_ANY(datum), VARSIZE_ANY_EXHDR(datum));
+				  (Pointer) result == (Pointer) datum ? NULL : VARDATA_ANY(datum),
+				  VARSIZE_ANY_EXHDR(datum));
+	if (out != (uint8 *) VARDATA(result))
+		memmove(VARDATA(result), out, v.ciphertext_len);
+	SET_VARSIZE(result, VARHDRSZ + v.ciphertext_len);
 	return result;
 }
 
@@ -533,7 +574,10 @@ envelope_metadata(PG_FUNCTION_ARGS)
 	env_parse_datum(datum, &v);
 	initStringInfo(&buf);
 	appendStringInfo(&buf, "{\"format_version\": %d", v.version);
-	appendStringInfoString(&buf, ", \"algo\": \"AES-256-GCM\", \"kdf\": \"HKDF-SHA256\", \"key_commitment\": true");
+	/* env_parse_datum accepted the algorithm: 1 (HKDF-SHA256) or 2 (AES-256). */
+	appendStringInfo(&buf, ", \"algorithm\": %d, \"algo\": \"AES-256-GCM\", \"kdf\": \"%s\", \"key_commitment\": true",
+					 v.algo,
+					 v.algo == ENV_ALGO_AES256GCM_AESKDF_COMMIT ? "AES-256" : "HKDF-SHA256");
 	json_str(&buf, "kek_id", v.kek.kek_name, v.kek.kek_name_len);
 	json_str(&buf, "kek_provider", v.kek.provider, v.kek.provider_len);
 	json_str(&buf, "kek_key_ref", v.kek.key_ref, v.kek.key_ref_len);

@@ -50,6 +50,7 @@ static int	registry_count = 0;
 static bool registry_valid = false;
 static bool registry_from_parallel = false;	/* loaded with a query's snapshot */
 static Oid	registry_relid = InvalidOid;
+static uint64 registry_generation = 0;	/* counts loads */
 
 /* Relcache callback: drop the cached registry when envelope.kek changes. */
 static void
@@ -160,6 +161,7 @@ registry_load(void)
 		pfree(registry);
 	registry = fresh;
 	registry_count = n;
+	registry_generation++;
 }
 
 /* Look up a KEK by name into *out; false (or an error) if it is not registered. */
@@ -245,6 +247,70 @@ kek_for_value(const EnvKekRef *ref, KekInfo *out)
 				 errdetail("The value names provider \"%.*s\" and key \"%.*s\"; the registry has provider \"%s\" and key \"%s\".",
 						   ref->provider_len, ref->provider, ref->key_ref_len, ref->key_ref,
 						   out->provider_name, out->key_ref)));
+}
+
+/*
+ * The registry entry of the KEK a value names, checked against the value
+ * (kek_for_value's checks): a pointer that stays valid until the next
+ * lookup.  The entry found last is tried first, so a scan over values of
+ * one KEK neither searches nor copies the registry per value.
+ */
+const KekInfo *
+kek_of_value(const EnvKekRef *ref)
+{
+	static int	last = -1;
+	static uint64 last_generation = 0;
+	KekInfo		found;
+
+	if (registry_valid && last >= 0 && last < registry_count &&
+		last_generation == registry_generation &&
+		strncmp(registry[last].name, ref->kek_name, ref->kek_name_len) == 0 &&
+		registry[last].name[ref->kek_name_len] == '\0' &&
+		kek_matches(&registry[last], ref))
+		return &registry[last];
+
+	kek_for_value(ref, &found);
+	for (int i = 0; i < registry_count; i++)
+	{
+		if (strcmp(registry[i].name, found.name) == 0)
+		{
+			last = i;
+			last_generation = registry_generation;
+			return &registry[i];
+		}
+	}
+	elog(ERROR, "KEK \"%s\" vanished from the registry", found.name);
+	return NULL;				/* keep the compiler quiet */
+}
+
+/*
+ * kek_lookup() as a pointer into the registry (no copy), valid until the
+ * next lookup; raises an error if the KEK is not registered.
+ */
+const KekInfo *
+kek_find(const char *name)
+{
+	static int	last = -1;
+	static uint64 last_generation = 0;
+	KekInfo		found;
+
+	if (registry_valid && last >= 0 && last < registry_count &&
+		last_generation == registry_generation &&
+		strcmp(registry[last].name, name) == 0)
+		return &registry[last];
+
+	kek_lookup(name, &found, false);
+	for (int i = 0; i < registry_count; i++)
+	{
+		if (strcmp(registry[i].name, name) == 0)
+		{
+			last = i;
+			last_generation = registry_generation;
+			return &registry[i];
+		}
+	}
+	elog(ERROR, "KEK \"%s\" vanished from the registry", name);
+	return NULL;				/* keep the compiler quiet */
 }
 
 /* True if s is a valid KEK name: 1-63 letters, digits, "_", "-", ".". */

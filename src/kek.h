@@ -28,6 +28,15 @@ extern bool kek_lookup(const char *name, KekInfo *out, bool missing_ok);
 /* The KEK a value names, checked against the registry (raises on mismatch). */
 extern void kek_for_value(const EnvKekRef *ref, KekInfo *out);
 
+/* kek_lookup() as a pointer into the registry, valid until the next lookup. */
+extern const KekInfo *kek_find(const char *name);
+
+/*
+ * The same as a pointer into the registry (no copy), valid until the next
+ * lookup or kek_for_value() call.
+ */
+extern const KekInfo *kek_of_value(const EnvKekRef *ref);
+
 /* Register the relcache callback that drops the cached registry. */
 extern void kek_init(void);
 

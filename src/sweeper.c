@@ -22,6 +22,7 @@
 #include "storage/latch.h"
 #include "utils/guc.h"
 
+#include "audit.h"
 #include "keycache.h"
 #include "sweeper.h"
 
@@ -57,7 +58,8 @@ envelope_sweeper_main(Datum arg)
 	while (!ShutdownRequestPending)
 	{
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 SWEEP_INTERVAL_MS, PG_WAIT_EXTENSION);
+						 Min(SWEEP_INTERVAL_MS, envelope_audit_summary_interval / 2),
+						 PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -66,6 +68,7 @@ envelope_sweeper_main(Datum arg)
 			ProcessConfigFile(PGC_SIGHUP);
 		}
 		keycache_sweep();
+		env_audit_sweep();
 	}
 	proc_exit(0);
 }

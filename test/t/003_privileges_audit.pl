@@ -89,6 +89,8 @@ $node->init;
 $node->append_conf(
 	'postgresql.conf', envelope_conf($kms) . qq{envelope.default_kek = 'k'
 envelope.audit_hmac_key_file = '$hmac_key'
+# this test checks records per statement (summary records: 005_audit_summary.pl)
+envelope.audit = statement
 log_destination = 'stderr'
 logging_collector = off
 compute_query_id = on
@@ -262,7 +264,7 @@ my $plain_re = join('|', map { quotemeta } @plain);
 $node->safe_psql('postgres', 'CREATE EXTENSION envelope');
 is($node->safe_psql('postgres', q{SELECT rolcanlogin FROM pg_roles WHERE rolname = 'envelope_admin'}),
 	'f', 'CREATE EXTENSION created the NOLOGIN role envelope_admin');
-is($node->safe_psql('postgres', 'SHOW envelope.audit'), 'statement', 'envelope.audit defaults to statement');
+is($node->safe_psql('postgres', 'SHOW envelope.audit'), 'statement', 'envelope.audit is statement (set in postgresql.conf)');
 
 {
 	my $off = log_offset();
