@@ -76,7 +76,6 @@
 #include "authz.h"
 #include "crypto.h"
 #include "format.h"
-#include "keycache.h"
 #include "redact.h"
 
 PG_FUNCTION_INFO_V1(envelope_audit_event);
@@ -590,6 +589,10 @@ audit_collect_workers(void)
 
 	if (slot == NULL)
 		return;
+	/* Workers have exited (or never ran): nothing to wait for, often nothing to take. */
+	pg_read_barrier();
+	if (slot->n == 0)
+		return;
 	SpinLockAcquire(&slot->mutex);
 	ngot = slot->n;
 	memcpy(got, slot->agg, sizeof(AuditAgg) * ngot);
@@ -629,7 +632,7 @@ emit_summary(const AuditAgg *a, const AuditWho *w, TimestampTz since)
  * makes sure each count is written once.
  */
 static void
-summary_write(AuditSlot *slot, bool force)
+summary_write(AuditSlot *slot, bool force, TimestampTz now)
 {
 	AuditAgg	got[AUDIT_SLOT_SUMS];
 	AuditWho	who;
@@ -641,7 +644,7 @@ summary_write(AuditSlot *slot, bool force)
 	SpinLockAcquire(&slot->mutex);
 	since = slot->sum_since;
 	if (slot->nsum > 0 &&
-		(force || GetCurrentTimestamp() - since >=
+		(force || now - since >=
 		 (TimestampTz) envelope_audit_summary_interval * 1000))
 	{
 		ngot = slot->nsum;
@@ -655,45 +658,21 @@ summary_write(AuditSlot *slot, bool force)
 }
 
 /*
- * envelope.audit = summary, at the end of a top-level statement: add this
- * statement's counts to the backend's pending summary (one aggregate per
- * use, KEK version, user and query_id, in shared memory so the sweeper can
- * write it if the session goes idle), and write the summary once it is
- * envelope.audit_summary_interval old.
+ * Add aggregates to a slot's pending summary (caller holds its spinlock);
+ * those that find no room go to left[] (*nleft).
  */
 static void
-summary_add(void)
+summary_merge(AuditSlot *slot, const AuditAgg *list, int n, int64 query_id,
+			  TimestampTz now, const AuditWho *who, AuditAgg *left, int *nleft)
 {
-	AuditSlot  *slot = audit_slot(false);
-	AuditWho	who;
-	AuditAgg	left[AUDIT_MAX_AGGS];
-	int			nleft = 0;
-	int64		query_id = (int64) pgstat_get_my_query_id();
-	TimestampTz now = GetCurrentTimestamp();
-	bool		other_session;
-
-	if (slot == NULL)
-	{
-		audit_flush("ok");
-		return;
-	}
-	current_who(&who);
-	SpinLockAcquire(&slot->mutex);
-	/* A summary of other session fields (application_name changed) goes first. */
-	other_session = slot->nsum > 0 && memcmp(&slot->who, &who, sizeof(who)) != 0;
-	SpinLockRelease(&slot->mutex);
-	if (other_session)
-		summary_write(slot, true);
-
-	SpinLockAcquire(&slot->mutex);
 	if (slot->nsum == 0)
 	{
 		slot->sum_since = now;
-		slot->who = who;
+		slot->who = *who;
 	}
-	for (int i = 0; i < naggs; i++)
+	for (int i = 0; i < n; i++)
 	{
-		AuditAgg   *a = &aggs[i];
+		const AuditAgg *a = &list[i];
 		int			j;
 
 		for (j = 0; j < slot->nsum; j++)
@@ -705,8 +684,13 @@ summary_add(void)
 				strcmp(e->kek, a->kek) == 0 && strcmp(e->user, a->user) == 0)
 				break;
 		}
-		if (j == slot->nsum && slot->nsum < AUDIT_SLOT_SUMS)
+		if (j == slot->nsum)
 		{
+			if (slot->nsum == AUDIT_SLOT_SUMS)
+			{
+				left[(*nleft)++] = *a;
+				continue;
+			}
 			slot->sum[j] = *a;
 			slot->sum[j].values = slot->sum[j].hits = slot->sum[j].kms_calls = 0;
 			slot->sum[j].workers = 0;
@@ -714,36 +698,78 @@ summary_add(void)
 			slot->sum[j].query_id = query_id;
 			slot->nsum++;
 		}
-		if (j < slot->nsum)
-		{
-			slot->sum[j].values += a->values;
-			slot->sum[j].hits += a->hits;
-			slot->sum[j].kms_calls += a->kms_calls;
-			slot->sum[j].workers += a->workers;
-			slot->sum[j].statements++;
-		}
-		else
-			left[nleft++] = *a;
+		slot->sum[j].values += a->values;
+		slot->sum[j].hits += a->hits;
+		slot->sum[j].kms_calls += a->kms_calls;
+		slot->sum[j].workers += a->workers;
+		slot->sum[j].statements++;
 	}
+}
+
+/*
+ * envelope.audit = summary, when a top-level statement ends (or a procedure
+ * commits): add its counts to the backend's pending summary (one aggregate
+ * per use, KEK version, user and query_id, in shared memory so the sweeper
+ * can write it if the session goes idle), and write the summary once it is
+ * envelope.audit_summary_interval old.  A summary that is full, or about
+ * other session fields (application_name changed), is written first.
+ */
+static void
+summary_add(void)
+{
+	AuditSlot  *slot = audit_slot(false);
+	AuditWho	who;
+	AuditAgg	left[AUDIT_MAX_AGGS];
+	AuditAgg	rest[AUDIT_MAX_AGGS];
+	int			nleft = 0;
+	int			nrest = 0;
+	int64		query_id = (int64) pgstat_get_my_query_id();
+	TimestampTz now = GetCurrentStatementStartTimestamp();
+	bool		other_session;
+
+	if (slot == NULL)
+	{
+		audit_flush("ok");
+		return;
+	}
+	current_who(&who);
+	SpinLockAcquire(&slot->mutex);
+	other_session = slot->nsum > 0 && memcmp(&slot->who, &who, sizeof(who)) != 0;
+	SpinLockRelease(&slot->mutex);
+	if (other_session)
+		summary_write(slot, true, GetCurrentStatementStartTimestamp());
+
+	SpinLockAcquire(&slot->mutex);
+	summary_merge(slot, aggs, naggs, query_id, now, &who, left, &nleft);
 	SpinLockRelease(&slot->mutex);
 	naggs = 0;
 	last_agg = -1;
 	failed_since_use = false;
 
-	/* A statement with more kinds of use than the slot holds: write the rest now. */
-	for (int i = 0; i < nleft; i++)
-		emit_agg(&left[i], "ok");
-	summary_write(slot, nleft > 0);
+	if (nleft > 0)
+	{
+		/* No room: write the pending summary and start a new one. */
+		summary_write(slot, true, GetCurrentStatementStartTimestamp());
+		SpinLockAcquire(&slot->mutex);
+		summary_merge(slot, left, nleft, query_id, now, &who, rest, &nrest);
+		SpinLockRelease(&slot->mutex);
+		/* More kinds of use in one statement than a summary holds: now. */
+		for (int i = 0; i < nrest; i++)
+			emit_agg(&rest[i], "ok");
+	}
+	summary_write(slot, false, GetCurrentStatementStartTimestamp());
 }
 
 /* The sweeper: write pending summaries of idle sessions that are due. */
 void
 env_audit_sweep(void)
 {
+	TimestampTz now = GetCurrentTimestamp();
+
 	if (audit_shared == NULL)
 		return;
 	for (int i = 0; i < audit_shared->nslots; i++)
-		summary_write(&audit_shared->slots[i], false);
+		summary_write(&audit_shared->slots[i], false, now);
 }
 
 /*
@@ -767,7 +793,7 @@ audit_statement_start(void)
 			slot->n = 0;
 			SpinLockRelease(&slot->mutex);
 			/* A summary a previous backend left here is written, not lost. */
-			summary_write(slot, true);
+			summary_write(slot, true, GetCurrentStatementStartTimestamp());
 		}
 		slot_cleared = true;
 		if (!exit_cb_registered)
@@ -790,8 +816,6 @@ audit_statement_start(void)
 static void
 audit_statement_end(void)
 {
-	/* Key cache hits counted locally reach envelope.cache_stats() now. */
-	keycache_flush_local_counts();
 	if (IsParallelWorker())
 		audit_push_to_leader();
 	else
@@ -802,7 +826,7 @@ audit_statement_end(void)
 		else if (naggs > 0)
 			audit_flush("ok");
 		else if (envelope_audit == ENV_AUDIT_SUMMARY)
-			summary_write(audit_slot(false), false);
+			summary_write(audit_slot(false), false, GetCurrentStatementStartTimestamp());
 	}
 }
 
@@ -813,8 +837,11 @@ audit_xact_cb(XactEvent event, void *arg)
 	switch (event)
 	{
 		case XACT_EVENT_COMMIT:
+			/* (a procedure's COMMIT, or the end of a statement's transaction) */
 			audit_collect_workers();
-			if (naggs > 0)
+			if (naggs > 0 && envelope_audit == ENV_AUDIT_SUMMARY && !IsParallelWorker())
+				summary_add();
+			else if (naggs > 0)
 				audit_flush("ok");
 			break;
 		case XACT_EVENT_ABORT:
@@ -855,7 +882,7 @@ audit_exit_cb(int code, Datum arg)
 	if (naggs > 0)
 		audit_flush("error");
 	if (!IsParallelWorker())
-		summary_write(audit_slot(false), true);
+		summary_write(audit_slot(false), true, GetCurrentStatementStartTimestamp());
 }
 
 /* ExecutorStart hook: a new top-level statement. */

@@ -20,8 +20,8 @@
  * the middle of an operation can never leak one; each operation starts by
  * re-keying the context it uses.  OpenSSL failures are reported by
  * crypto_error(): the one place that turns OpenSSL's error queue into
- * ereport.  The last value key left in a GCM context is overwritten at the
- * end of each transaction; contexts are not shared across backends.
+ * ereport.  Data key schedules are overwritten at the end of each
+ * transaction (EnvDekState); contexts are not shared across backends.
  *
  *-------------------------------------------------------------------------
  */
@@ -104,7 +104,11 @@ static EVP_CIPHER *gcm_cipher = NULL;
 static EVP_CIPHER *ecb_cipher = NULL;
 static EVP_CIPHER_CTX *seal_ctx = NULL;
 static EVP_CIPHER_CTX *open_ctx = NULL;
-static bool gcm_dirty = false;	/* a value key is left in a GCM context */
+
+/* Data key states whose AES context is keyed (re-keyed with zeros at xact end). */
+#define MAX_KEYED	32
+static EnvDekState *keyed[MAX_KEYED];
+static int	nkeyed = 0;
 
 static void crypto_xact_cb(XactEvent event, void *arg);
 
@@ -146,32 +150,39 @@ crypto_init(void)
 static void
 crypto_scrub_md(void)
 {
-	(void) EVP_DigestInit_ex2(md_ctx, sha256_md, NULL);
-	ERR_clear_error();
+	if (EVP_DigestInit_ex2(md_ctx, sha256_md, NULL) != 1)
+		ERR_clear_error();
+}
+
+/* Overwrite a data key's schedule in its AES context with a zero key's. */
+static void
+dek_state_unkey(EnvDekState *state)
+{
+	static const uint8 zero[ENV_KEY_LEN] = {0};
+
+	if (state->kdf_keyed)
+	{
+		if (EVP_EncryptInit_ex2(state->kdf, NULL, zero, NULL, NULL) != 1)
+			ERR_clear_error();
+		state->kdf_keyed = false;
+	}
+}
+
+/* Unkey every keyed data key state (transaction end, or the list is full). */
+static void
+crypto_scrub_keyed(void)
+{
+	for (int i = 0; i < nkeyed; i++)
+		dek_state_unkey(keyed[i]);
+	nkeyed = 0;
 }
 
 /*
- * Overwrite the last value key's schedule in the GCM contexts.  This runs at
- * the end of every transaction (not after every value: re-keying a GCM
- * context costs as much as decrypting a short value), so a per-value key
- * stays in backend memory at most until its transaction ends; the data keys
- * it came from are held longer, in the key cache.
+ * Transaction end (also in parallel workers): overwrite the data key
+ * schedules derived this transaction.  The GCM contexts keep the last value
+ * key until the next value: it opens only that value, whose plaintext
+ * PostgreSQL's own freed memory holds as long.
  */
-static void
-crypto_scrub_gcm(void)
-{
-	static const uint8 zero[ENV_KEY_LEN] = {0};
-	static const uint8 zero_iv[ENV_NONCE_LEN] = {0};
-
-	if (!gcm_dirty)
-		return;
-	(void) EVP_EncryptInit_ex2(seal_ctx, NULL, zero, zero_iv, NULL);
-	(void) EVP_DecryptInit_ex2(open_ctx, NULL, zero, zero_iv, NULL);
-	ERR_clear_error();
-	gcm_dirty = false;
-}
-
-/* Transaction end (also in parallel workers): scrub the GCM contexts. */
 static void
 crypto_xact_cb(XactEvent event, void *arg)
 {
@@ -182,7 +193,7 @@ crypto_xact_cb(XactEvent event, void *arg)
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 		case XACT_EVENT_PREPARE:
-			crypto_scrub_gcm();
+			crypto_scrub_keyed();
 			break;
 		default:
 			break;
@@ -301,14 +312,29 @@ env_dek_state_init(EnvDekState *state, const uint8 *dek)
 
 	crypto_init();
 	env_dek_state_clear(state);
-	if (state->kdf == NULL && (state->kdf = EVP_CIPHER_CTX_new()) == NULL)
-		crypto_error("set up AES-256");
-	if (EVP_EncryptInit_ex2(state->kdf, ecb_cipher, dek, NULL, NULL) != 1 ||
-		EVP_CIPHER_CTX_set_padding(state->kdf, 0) != 1)
-		crypto_error("set up AES-256");
+	if (state->kdf == NULL)
+	{
+		state->kdf = EVP_CIPHER_CTX_new();
+		if (state->kdf == NULL ||
+			EVP_EncryptInit_ex2(state->kdf, ecb_cipher, NULL, NULL, NULL) != 1 ||
+			EVP_CIPHER_CTX_set_padding(state->kdf, 0) != 1)
+			crypto_error("set up AES-256");
+	}
 	env_sha256(parts, lens, 2, state->commit);
 	memcpy(state->dek, dek, ENV_KEY_LEN);
 	state->valid = true;
+}
+
+/* Key a state's AES context for this transaction (undone at its end). */
+static void
+dek_state_key(EnvDekState *state)
+{
+	if (nkeyed == MAX_KEYED)
+		crypto_scrub_keyed();
+	if (EVP_EncryptInit_ex2(state->kdf, NULL, state->dek, NULL, NULL) != 1)
+		crypto_error("set up AES-256");
+	state->kdf_keyed = true;
+	keyed[nkeyed++] = state;
 }
 
 /* Wipe a state's key material; its context is kept for the next key. */
@@ -317,9 +343,7 @@ env_dek_state_clear(EnvDekState *state)
 {
 	env_wipe(state->dek, sizeof(state->dek));
 	env_wipe(state->commit, sizeof(state->commit));
-	/* Resetting frees the cipher's own context, which OpenSSL cleanses. */
-	if (state->kdf != NULL)
-		(void) EVP_CIPHER_CTX_reset(state->kdf);
+	dek_state_unkey(state);
 	state->valid = false;
 }
 
@@ -333,7 +357,7 @@ env_dek_state_clear(EnvDekState *state)
  * Algorithm 1: HKDF-SHA256, both per value.
  */
 void
-env_value_key(const EnvDekState *state, int algo, const uint8 *salt,
+env_value_key(EnvDekState *state, int algo, const uint8 *salt,
 			  uint8 *value_key, uint8 *commit)
 {
 	uint8		blocks[2 * KDF_BLOCK];
@@ -347,6 +371,8 @@ env_value_key(const EnvDekState *state, int algo, const uint8 *salt,
 		return;
 	}
 	Assert(algo == ENV_ALGO_AES256GCM_AESKDF_COMMIT);
+	if (!state->kdf_keyed)
+		dek_state_key(state);
 	blocks[0] = 0x01;
 	memcpy(blocks + 1, salt, KDF_BLOCK - 1);
 	blocks[KDF_BLOCK] = 0x02;
@@ -419,7 +445,6 @@ env_seal(const uint8 *value_key, const uint8 *nonce,
 
 	crypto_init();
 	aad_prefix(aad, header, context_len);
-	gcm_dirty = true;
 	if (EVP_EncryptInit_ex2(seal_ctx, NULL, value_key, nonce, NULL) != 1 ||
 		EVP_EncryptUpdate(seal_ctx, NULL, &aadl, aad, sizeof(aad)) != 1 ||
 		(context_len > 0 &&
@@ -446,7 +471,6 @@ env_open(const uint8 *value_key, const uint8 *nonce,
 	crypto_init();
 	aad_prefix(aad, header, context_len);
 	memcpy(tagcopy, tag, ENV_TAG_LEN);
-	gcm_dirty = true;
 	if (EVP_DecryptInit_ex2(open_ctx, NULL, value_key, nonce, NULL) != 1 ||
 		EVP_DecryptUpdate(open_ctx, NULL, &aadl, aad, sizeof(aad)) != 1 ||
 		(context_len > 0 &&

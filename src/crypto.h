@@ -12,16 +12,20 @@
 #include "format.h"
 
 /*
- * A data key and what is computed from it once, not per value: an AES-256
- * key schedule for deriving per-value keys (algorithm 2) and the key
- * commitment of algorithm 2.  Holders wipe it with env_dek_state_clear().
+ * A data key and what is computed from it once, not per value: the key
+ * commitment of algorithm 2 and an AES-256 context for deriving per-value
+ * keys.  The context is keyed on first use in a transaction and re-keyed
+ * with zeros when the transaction ends, so between transactions the data
+ * key exists only in dek (which its holder keeps in protected memory and
+ * can wipe at any time).  Holders wipe it with env_dek_state_clear().
  */
 typedef struct EnvDekState
 {
 	bool		valid;
+	bool		kdf_keyed;		/* kdf holds dek's key schedule */
 	uint8		dek[ENV_KEY_LEN];
 	uint8		commit[ENV_COMMIT_LEN];	/* algorithm 2's key commitment */
-	void	   *kdf;			/* EVP_CIPHER_CTX: AES-256-ECB keyed with dek */
+	void	   *kdf;			/* EVP_CIPHER_CTX: AES-256-ECB */
 } EnvDekState;
 
 /* Fill buf with cryptographically secure random bytes, or raise an error. */
@@ -45,7 +49,7 @@ extern void env_dek_state_clear(EnvDekState *state);
  * algo (format.h) under state's data key and the value's salt.  The caller
  * compares commit with the stored one and wipes value_key when done.
  */
-extern void env_value_key(const EnvDekState *state, int algo, const uint8 *salt,
+extern void env_value_key(EnvDekState *state, int algo, const uint8 *salt,
 						  uint8 *value_key, uint8 *commit);
 
 /*

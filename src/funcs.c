@@ -124,7 +124,7 @@ encrypt_value(FunctionCallInfo fcinfo, const uint8 *plaintext, int len, uint16 t
 	const KekInfo *kek;
 	KmsWrapped	wrapped;
 	EnvKekRef	ref;
-	const EnvDekState *ks;
+	EnvDekState *ks;
 	const uint8 *ctx;
 	int			ctx_len;
 	uint8		value_key[ENV_KEY_LEN];
@@ -240,7 +240,7 @@ decrypt_value(FunctionCallInfo fcinfo)
 	EnvValue	v;
 	const KekInfo *kek;
 	KmsWrapped	wrapped;
-	const EnvDekState *ks;
+	EnvDekState *ks;
 	const uint8 *ctx;
 	int			ctx_len;
 	uint8		value_key[ENV_KEY_LEN];
@@ -677,7 +677,6 @@ envelope_cache_stats(PG_FUNCTION_ARGS)
 	env_require_shared();
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
-	keycache_flush_local_counts();
 	keycache_stats(&st);
 	memset(nulls, 0, sizeof(nulls));
 	values[i++] = Int32GetDatum(st.entries);

@@ -595,7 +595,7 @@ keycache_unwrap_ex(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek,
 			ConditionVariableCancelSleep();
 			memcpy(dek, stale, ENV_KEY_LEN);
 			env_wipe(stale, sizeof(stale));
-			env_count(CNT_HITS, 1);
+			env_count_hits(1);
 			*hit_expires = expired_at;
 			return false;
 		}

@@ -96,21 +96,18 @@ extern void keycache_stats(KeyCacheStats *stats);
  * keycache_put() or keycache_abandon() (state->dek is the key).  The state
  * stays valid until the next call.
  */
-extern const EnvDekState *keycache_get(const KekInfo *kek, const KmsWrapped *wrapped,
+extern EnvDekState *keycache_get(const KekInfo *kek, const KmsWrapped *wrapped,
 									   bool *from_kms);
 
 /* The same for a key the KMS must unwrap now, bypassing every cache. */
-extern const EnvDekState *keycache_get_uncached(const KekInfo *kek,
+extern EnvDekState *keycache_get_uncached(const KekInfo *kek,
 												const KmsWrapped *wrapped);
 
 /*
  * The state of the data key to encrypt the next value under kek, one use
  * consumed; *wrapped points at backend memory valid until the next call.
  */
-extern const EnvDekState *keycache_current(const KekInfo *kek, KmsWrapped *wrapped);
-
-/* Add this backend's uncounted local hits to the shared statistics. */
-extern void keycache_flush_local_counts(void);
+extern EnvDekState *keycache_current(const KekInfo *kek, KmsWrapped *wrapped);
 
 /* Wipe this backend's local copies (all, or one KEK's). */
 extern void keycache_forget_local(void);

@@ -27,11 +27,18 @@
  *	  server-wide: a reservation not used up is lost, never reused;
  *	- copies are wiped on eviction, expiry, generation change and backend
  *	  exit.  Raw keys live in pages excluded from core dumps
- *	  (MADV_DONTDUMP) and locked in RAM where the platform allows; the
- *	  expanded AES key schedules live in OpenSSL's contexts, which OpenSSL
- *	  cleanses when they are reset.
+ *	  (MADV_DONTDUMP) and locked in RAM where the platform allows.  The AES
+ *	  key schedules crypto.c derives from them are overwritten at the end of
+ *	  every transaction, so between transactions the keys exist only in
+ *	  these pages;
+ *	- a backend that goes idle does not keep copies past their expiry: at
+ *	  the end of each transaction a timer is set for the earliest expiry,
+ *	  and its handler (signal context: it only overwrites bytes in these
+ *	  pages and clears flags) wipes the expired copies if no transaction is
+ *	  running; inside a transaction it leaves that to the next check.
  *
- * Locking: none; everything here is backend-local.
+ * Locking: none; everything here is backend-local.  The timer handler
+ * touches only the secret bytes and the valid flags of copies.
  *
  *-------------------------------------------------------------------------
  */
@@ -39,9 +46,11 @@
 
 #include <sys/mman.h>
 
+#include "access/xact.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "utils/memutils.h"
+#include "utils/timeout.h"
 #include "utils/timestamp.h"
 
 #include "audit.h"
@@ -54,7 +63,6 @@
 #define LOCAL_CURRENTS		8		/* KEKs with a reservation for encryption */
 #define KEYLOCAL_RECHECK	4096	/* uses between checks within a statement */
 #define RESERVE_MAX			256		/* largest reservation of uses */
-#define HITS_BATCH			256		/* local hits counted before publishing */
 
 /* A local copy of a cached data key. */
 typedef struct LocalDek
@@ -101,9 +109,13 @@ static uint64 lk_checked_statement = 0;
 static bool lk_checked = false;
 static uint32 uses_since_check = 0;
 static uint64 lk_clock = 0;
-static int64 pending_hits = 0;
+static volatile sig_atomic_t lk_in_xact = false;	/* a transaction used keys */
+static TimeoutId lk_timeout = MAX_TIMEOUTS;
+static TimestampTz lk_timer_at = 0;
 
 static void keylocal_exit(int code, Datum arg);
+static void keylocal_xact_cb(XactEvent event, void *arg);
+static void keylocal_timer(void);
 
 /* Map the protected pages for local keys on first use. */
 static void
@@ -127,6 +139,98 @@ local_setup(void)
 	(void) mlock(p, size);
 	lk = (LocalKeys *) p;
 	before_shmem_exit(keylocal_exit, (Datum) 0);
+	RegisterXactCallback(keylocal_xact_cb, NULL);
+	lk_timeout = RegisterTimeout(USER_TIMEOUT, keylocal_timer);
+}
+
+/* When a copy stops being usable: its expiry, or its reservation's age limit. */
+static TimestampTz
+current_expiry(const LocalCurrent *c)
+{
+	return c->created_at + (TimestampTz) envelope_dek_max_age * USECS_PER_SEC;
+}
+
+/*
+ * Timer handler (signal context): overwrite the secret bytes of expired
+ * copies, unless a transaction is using keys (then the statement-level
+ * checks and the transaction's end take care of them).  Only memory in the
+ * protected pages is written; the copies' other fields are tidied up by
+ * local_check() later.
+ */
+static void
+keylocal_timer(void)
+{
+	TimestampTz now;
+
+	if (lk == NULL || lk_in_xact)
+		return;
+	now = GetCurrentTimestamp();
+	for (int i = 0; i < LOCAL_SLOTS; i++)
+	{
+		LocalDek   *d = &lk->deks[i];
+
+		if (d->used && d->state.valid && d->expires_at <= now)
+		{
+			explicit_bzero(d->state.dek, sizeof(d->state.dek));
+			explicit_bzero(d->state.commit, sizeof(d->state.commit));
+			d->state.valid = false;
+		}
+	}
+	for (int i = 0; i < LOCAL_CURRENTS; i++)
+	{
+		LocalCurrent *c = &lk->currents[i];
+
+		if (c->used && c->state.valid && current_expiry(c) <= now)
+		{
+			explicit_bzero(c->state.dek, sizeof(c->state.dek));
+			explicit_bzero(c->state.commit, sizeof(c->state.commit));
+			c->state.valid = false;
+			c->left = 0;
+		}
+	}
+}
+
+/* Set the timer for the earliest expiry of the copies kept (none: no timer). */
+static void
+arm_timer(void)
+{
+	TimestampTz earliest = 0;
+
+	for (int i = 0; i < LOCAL_SLOTS; i++)
+		if (lk->deks[i].used && lk->deks[i].state.valid &&
+			(earliest == 0 || lk->deks[i].expires_at < earliest))
+			earliest = lk->deks[i].expires_at;
+	for (int i = 0; i < LOCAL_CURRENTS; i++)
+		if (lk->currents[i].used && lk->currents[i].state.valid &&
+			(earliest == 0 || current_expiry(&lk->currents[i]) < earliest))
+			earliest = current_expiry(&lk->currents[i]);
+	if (earliest == 0)
+		return;
+	if (earliest == lk_timer_at && get_timeout_active(lk_timeout))
+		return;
+	lk_timer_at = earliest;
+	enable_timeout_at(lk_timeout, earliest);
+}
+
+/* Transaction end: keys are idle from now on until the next one uses them. */
+static void
+keylocal_xact_cb(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PREPARE:
+			if (lk_in_xact)
+			{
+				lk_in_xact = false;
+				env_dek_state_clear(&lk->scratch);
+				arm_timer();
+			}
+			break;
+		default:
+			break;
+	}
 }
 
 /* Free a string or buffer kept in TopMemoryContext. */
@@ -186,22 +290,10 @@ keycache_forget_local(void)
 	env_dek_state_clear(&lk->scratch);
 }
 
-/* Add this backend's uncounted local hits to the shared statistics. */
-void
-keycache_flush_local_counts(void)
-{
-	if (pending_hits > 0)
-	{
-		env_count(CNT_HITS, pending_hits);
-		pending_hits = 0;
-	}
-}
-
-/* Backend exit: publish counts, wipe keys. */
+/* Backend exit: wipe keys. */
 static void
 keylocal_exit(int code, Datum arg)
 {
-	keycache_flush_local_counts();
 	keycache_forget_local();
 }
 
@@ -216,7 +308,6 @@ local_check(void)
 	uint64		generation = keycache_generation();
 	TimestampTz now = GetCurrentTimestamp();
 
-	keycache_flush_local_counts();
 	if (generation != lk_generation)
 	{
 		keycache_forget_local();
@@ -225,12 +316,12 @@ local_check(void)
 	else
 	{
 		for (int i = 0; i < LOCAL_SLOTS; i++)
-			if (lk->deks[i].used && lk->deks[i].expires_at <= now)
+			if (lk->deks[i].used &&
+				(!lk->deks[i].state.valid || lk->deks[i].expires_at <= now))
 				dek_clear(&lk->deks[i]);
 		for (int i = 0; i < LOCAL_CURRENTS; i++)
 			if (lk->currents[i].used &&
-				now - lk->currents[i].created_at >=
-				(TimestampTz) envelope_dek_max_age * USECS_PER_SEC)
+				(!lk->currents[i].state.valid || current_expiry(&lk->currents[i]) <= now))
 				current_clear(&lk->currents[i]);
 	}
 	lk_checked_statement = env_statement_id;
@@ -243,6 +334,7 @@ static inline void
 local_maybe_check(void)
 {
 	local_setup();
+	lk_in_xact = true;
 	if (!lk_checked || lk_checked_statement != env_statement_id ||
 		++uses_since_check >= KEYLOCAL_RECHECK)
 		local_check();
@@ -256,7 +348,7 @@ local_find(const KekInfo *kek, const KmsWrapped *wrapped)
 	{
 		LocalDek   *d = &lk->deks[i];
 
-		if (d->used && d->version == wrapped->version &&
+		if (d->used && d->state.valid && d->version == wrapped->version &&
 			d->wrapped_len == wrapped->len &&
 			memcmp(d->wrapped, wrapped->data, wrapped->len) == 0 &&
 			strcmp(d->key_ref, kek->key_ref) == 0 &&
@@ -292,13 +384,13 @@ local_install(const KekInfo *kek, const KmsWrapped *wrapped, const uint8 *dek,
 }
 
 /* The state of the data key that unwraps wrapped: local, shared or KMS. */
-const EnvDekState *
+EnvDekState *
 keycache_get(const KekInfo *kek, const KmsWrapped *wrapped, bool *from_kms)
 {
 	uint8		dek[ENV_KEY_LEN];
 	TimestampTz hit_expires = 0;
 	LocalDek   *d;
-	const EnvDekState *result;
+	EnvDekState *result;
 	volatile bool claimed = false;
 
 	*from_kms = false;
@@ -307,8 +399,7 @@ keycache_get(const KekInfo *kek, const KmsWrapped *wrapped, bool *from_kms)
 	if (d != NULL)
 	{
 		d->last_use = ++lk_clock;
-		if (++pending_hits >= HITS_BATCH)
-			keycache_flush_local_counts();
+		env_count_hits(1);
 		return &d->state;
 	}
 
@@ -396,14 +487,14 @@ current_refill(LocalCurrent *c, const KekInfo *kek)
 }
 
 /* The state of the data key for the next value under kek; one use consumed. */
-const EnvDekState *
+EnvDekState *
 keycache_current(const KekInfo *kek, KmsWrapped *wrapped)
 {
 	LocalCurrent *c;
 
 	local_maybe_check();
 	c = current_slot(kek);
-	if (!c->used || c->left <= 0 || c->version < kek->latest_version ||
+	if (!c->used || !c->state.valid || c->left <= 0 || c->version < kek->latest_version ||
 		strcmp(c->provider, kek->provider_name) != 0 ||
 		strcmp(c->key_ref, kek->key_ref) != 0)
 		current_refill(c, kek);
@@ -419,7 +510,7 @@ keycache_current(const KekInfo *kek, KmsWrapped *wrapped)
  * (values on a retired KEK version: the KMS decides).  Valid until the next
  * call of this or keycache_get().
  */
-const EnvDekState *
+EnvDekState *
 keycache_get_uncached(const KekInfo *kek, const KmsWrapped *wrapped)
 {
 	uint8		dek[ENV_KEY_LEN];

@@ -36,6 +36,7 @@
 #include "miscadmin.h"
 #include "port/atomics.h"
 #include "storage/ipc.h"
+#include "storage/proc.h"
 #include "storage/shmem.h"
 #include "utils/timestamp.h"
 
@@ -57,8 +58,23 @@ typedef struct EnvShared
 	Size		key_region_size;
 } EnvShared;
 
+/*
+ * Key cache hits, one counter per backend (indexed by pgprocno), each on its
+ * own cache line: a hit is counted with a plain store by its only writer
+ * instead of an atomic add on a line every backend writes.  Counters are
+ * never reset (a new backend in a slot adds to its predecessor's count), so
+ * their sum only grows.
+ */
+typedef union BackendHits
+{
+	pg_atomic_uint64 hits;
+	char		pad[PG_CACHE_LINE_SIZE];
+} BackendHits;
+
 static EnvShared *env_shared = NULL;
 static LWLockPadded *env_locks = NULL;
+static BackendHits *backend_hits = NULL;
+static int	backend_hits_n = 0;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -80,6 +96,7 @@ env_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(env_shmem_size());
+	RequestAddinShmemSpace(mul_size(MaxBackends, sizeof(BackendHits)));
 	RequestNamedLWLockTranche(ENV_TRANCHE, 1 + keycache_partitions());
 	RequestAddinShmemSpace(env_audit_shmem_size());
 	env_audit_shmem_request();
@@ -126,6 +143,12 @@ env_shmem_startup(void)
 		memset(region, 0, rsize);
 		keycache_shmem_init(region);
 	}
+	backend_hits = ShmemInitStruct("envelope backend hits",
+								   mul_size(MaxBackends, sizeof(BackendHits)), &found);
+	backend_hits_n = MaxBackends;
+	if (!found)
+		for (int i = 0; i < MaxBackends; i++)
+			pg_atomic_init_u64(&backend_hits[i].hits, 0);
 	env_audit_shmem_init();
 	env_redact_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
@@ -163,15 +186,38 @@ env_require_shared(void)
 void
 env_count(EnvCounter c, int64 n)
 {
-	if (env_shared)
+	if (env_shared && n != 0)
 		pg_atomic_fetch_add_u64(&env_shared->counters[c], n);
+}
+
+/* Count key cache hits of this backend (its own counter: no shared atomic). */
+void
+env_count_hits(int64 n)
+{
+	int			i = MyProc ? MyProc->pgprocno : -1;
+
+	if (backend_hits == NULL || i < 0 || i >= backend_hits_n)
+	{
+		env_count(CNT_HITS, n);
+		return;
+	}
+	pg_atomic_write_u64(&backend_hits[i].hits,
+						pg_atomic_read_u64(&backend_hits[i].hits) + n);
 }
 
 /* Read a counter. */
 uint64
 env_counter(EnvCounter c)
 {
-	return env_shared ? pg_atomic_read_u64(&env_shared->counters[c]) : 0;
+	uint64		n;
+
+	if (env_shared == NULL)
+		return 0;
+	n = pg_atomic_read_u64(&env_shared->counters[c]);
+	if (c == CNT_HITS && backend_hits != NULL)
+		for (int i = 0; i < backend_hits_n; i++)
+			n += pg_atomic_read_u64(&backend_hits[i].hits);
+	return n;
 }
 
 /* Remember the time of the last failed KMS call. */

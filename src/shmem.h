@@ -43,6 +43,9 @@ extern void env_require_shared(void);
 extern void env_count(EnvCounter c, int64 n);
 extern uint64 env_counter(EnvCounter c);
 
+/* Count key cache hits of this backend (cheap: a per-backend counter). */
+extern void env_count_hits(int64 n);
+
 /* Remember the time of the last failed KMS call. */
 extern void env_note_kms_error(void);
 extern TimestampTz env_last_kms_error(void);
