@@ -220,7 +220,7 @@ _PG_init(void)
 
 	DefineCustomIntVariable("envelope.dek_max_uses",
 							"Number of values one data key encrypts before a new one is generated.",
-							"1 gives every value a data key straight from the KMS.",
+							"1 gives every value its own data key, wrapped by the KMS.",
 							&envelope_dek_max_uses,
 							100000, 1, 1 << 30,
 							PGC_SUSET, 0,

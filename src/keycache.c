@@ -71,6 +71,16 @@ typedef struct DekEntry
 	uint8		dek[ENV_KEY_LEN];
 } DekEntry;
 
+/* A generated and verified data key not used yet (the rest of a batch). */
+typedef struct SpareDek
+{
+	int32		version;
+	TimestampTz created_at;
+	int			wrapped_len;
+	uint8		wrapped[ENV_MAX_WRAPPED_LEN];
+	uint8		dek[ENV_KEY_LEN];
+} SpareDek;
+
 /* The data key a KEK currently encrypts new values under. */
 typedef struct CurrentDek
 {
@@ -85,6 +95,8 @@ typedef struct CurrentDek
 	int			wrapped_len;
 	uint8		wrapped[ENV_MAX_WRAPPED_LEN];
 	uint8		dek[ENV_KEY_LEN];
+	int			nspare;			/* verified keys waiting to become current */
+	SpareDek	spare[KMS_BATCH_MAX - 1];
 } CurrentDek;
 
 /* The key region's layout. */
@@ -624,49 +636,52 @@ keycache_unwrap_ex(const KekInfo *kek, const KmsWrapped *wrapped, uint8 *dek,
 	return from_kms;
 }
 
-/* Generate a data key and, if envelope.kms_verify, check it unwraps to itself. */
+/*
+ * Generate n data keys (one KMS round trip where the provider batches) and,
+ * if envelope.kms_verify, check that each unwraps to itself (one more).
+ * On any error every key is wiped and nothing is used.
+ */
 static void
-generate_checked(const KekInfo *kek, uint8 *dek, KmsWrapped *wrapped)
+generate_checked(const KekInfo *kek, int n, uint8 *deks, KmsWrapped *wrapped)
 {
-	uint8		check[ENV_KEY_LEN];
+	uint8		check[KMS_BATCH_MAX * ENV_KEY_LEN];
 	bool		same;
 
-	kms_generate_dek(kek->provider, kek->key_ref, dek, wrapped);
-	if (wrapped->version < kek->latest_version)
-	{
-		env_wipe(dek, ENV_KEY_LEN);
-		ereport(ERROR,
-				(errcode(ERRCODE_PROTOCOL_VIOLATION),
-				 errmsg("KMS wrapped a new data key with an old version of key \"%s\"", kek->key_ref),
-				 errdetail("The KMS used version %d; KEK \"%s\" is at version %d.",
-						   wrapped->version, kek->name, kek->latest_version)));
-	}
-	if (wrapped->len > ENV_MAX_WRAPPED_LEN)
-	{
-		env_wipe(dek, ENV_KEY_LEN);
-		ereport(ERROR,
-				(errcode(ERRCODE_PROTOCOL_VIOLATION),
-				 errmsg("KMS returned a wrapped data key of %d bytes for key \"%s\"",
-						wrapped->len, kek->key_ref),
-				 errdetail("envelope stores wrapped keys of at most %d bytes.", ENV_MAX_WRAPPED_LEN)));
-	}
-	if (!envelope_kms_verify)
-		return;
 	PG_TRY();
 	{
-		kms_unwrap(kek->provider, kek->key_ref, wrapped, check);
+		kms_generate_deks(kek->provider, kek->key_ref, n, deks, wrapped);
+		for (int i = 0; i < n; i++)
+		{
+			if (wrapped[i].version < kek->latest_version)
+				ereport(ERROR,
+						(errcode(ERRCODE_PROTOCOL_VIOLATION),
+						 errmsg("KMS wrapped a new data key with an old version of key \"%s\"", kek->key_ref),
+						 errdetail("The KMS used version %d; KEK \"%s\" is at version %d.",
+								   wrapped[i].version, kek->name, kek->latest_version)));
+			if (wrapped[i].len > ENV_MAX_WRAPPED_LEN)
+				ereport(ERROR,
+						(errcode(ERRCODE_PROTOCOL_VIOLATION),
+						 errmsg("KMS returned a wrapped data key of %d bytes for key \"%s\"",
+								wrapped[i].len, kek->key_ref),
+						 errdetail("envelope stores wrapped keys of at most %d bytes.", ENV_MAX_WRAPPED_LEN)));
+		}
+		if (envelope_kms_verify)
+			kms_unwrap_many(kek->provider, kek->key_ref, n, wrapped, check);
 	}
 	PG_CATCH();
 	{
-		env_wipe(dek, ENV_KEY_LEN);
+		env_wipe(deks, n * ENV_KEY_LEN);
+		env_wipe(check, sizeof(check));
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
-	same = env_equal_ct(dek, check, ENV_KEY_LEN);
+	if (!envelope_kms_verify)
+		return;
+	same = env_equal_ct(deks, check, n * ENV_KEY_LEN);
 	env_wipe(check, sizeof(check));
 	if (!same)
 	{
-		env_wipe(dek, ENV_KEY_LEN);
+		env_wipe(deks, n * ENV_KEY_LEN);
 		ereport(ERROR,
 				(errcode(ERRCODE_PROTOCOL_VIOLATION),
 				 errmsg("KMS returned a data key that does not match its wrapped form"),
@@ -721,6 +736,50 @@ someone_generating(CurrentDek *c)
 		GetCurrentTimestamp() - c->generating_since < pending_limit_usecs();
 }
 
+/* Wipe a slot's spare keys (caller holds lock 0 exclusively). */
+static void
+clear_spares(CurrentDek *c)
+{
+	for (int i = 0; i < c->nspare; i++)
+		env_wipe(c->spare[i].dek, sizeof(c->spare[i].dek));
+	c->nspare = 0;
+}
+
+/*
+ * Make the oldest usable spare the KEK's current key (caller holds lock 0
+ * exclusively); spares under an older KEK version, too old, or of another
+ * KMS key are wiped.  False if there was none.
+ */
+static bool
+promote_spare(CurrentDek *c, const KekInfo *kek, const uint8 *identity, TimestampTz now)
+{
+	while (c->nspare > 0)
+	{
+		SpareDek	sp = c->spare[0];
+
+		env_wipe(c->spare[0].dek, sizeof(c->spare[0].dek));
+		memmove(&c->spare[0], &c->spare[1], sizeof(SpareDek) * (c->nspare - 1));
+		c->nspare--;
+		if (memcmp(c->identity, identity, DIGEST_LEN) != 0 ||
+			sp.version < kek->latest_version ||
+			now - sp.created_at >= (TimestampTz) envelope_dek_max_age * USECS_PER_SEC)
+		{
+			env_wipe(sp.dek, sizeof(sp.dek));
+			continue;
+		}
+		env_wipe(c->dek, sizeof(c->dek));
+		c->version = sp.version;
+		c->created_at = sp.created_at;
+		c->wrapped_len = sp.wrapped_len;
+		memcpy(c->wrapped, sp.wrapped, sp.wrapped_len);
+		memcpy(c->dek, sp.dek, ENV_KEY_LEN);
+		pg_atomic_write_u64(&c->uses, 0);
+		env_wipe(sp.dek, sizeof(sp.dek));
+		return true;
+	}
+	return false;
+}
+
 /* A slot for a KEK: its own, a free one, or the oldest (caller holds lock 0 exclusively). */
 static CurrentDek *
 claim_slot(KeyCacheShared *kc, const KekInfo *kek)
@@ -741,6 +800,7 @@ claim_slot(KeyCacheShared *kc, const KekInfo *kek)
 	{
 		/* A placeholder that take_use() refuses until the key is installed. */
 		env_wipe(c->dek, sizeof(c->dek));
+		clear_spares(c);
 		c->used = true;
 		strlcpy(c->kek_name, kek->name, NAMEDATALEN);
 		memset(c->identity, 0, sizeof(c->identity));
@@ -783,10 +843,12 @@ keycache_current_dek(const KekInfo *kek, int want, uint8 *dek, KmsWrapped *wrapp
 {
 	KeyCacheShared *kc = cache();
 	uint8		identity[DIGEST_LEN];
-	uint8		fresh[ENV_KEY_LEN];
-	KmsWrapped	fresh_wrapped;
+	uint8		fresh[KMS_BATCH_MAX * ENV_KEY_LEN];
+	KmsWrapped	fresh_wrapped[KMS_BATCH_MAX];
+	int			nfresh;
 	bool		ok;
 	bool		wait;
+	bool		promoted = false;
 	CurrentDek *c;
 
 	wrapped_digest(kek, NULL, identity);
@@ -819,14 +881,29 @@ keycache_current_dek(const KekInfo *kek, int want, uint8 *dek, KmsWrapped *wrapp
 		wait = !ok && someone_generating(c);
 		if (!ok && !wait)
 		{
+			/* A key left from the last batch: no KMS call. */
 			c = claim_slot(kc, kek);
-			c->generating_since = GetCurrentTimestamp();
-			c->generating_pid = MyProcPid;
+			if (promote_spare(c, kek, identity, GetCurrentTimestamp()))
+			{
+				ok = take_use(c, kek, identity, GetCurrentTimestamp(), want, dek, wrapped,
+							  granted, created_at);
+				promoted = ok;
+			}
+			if (!ok)
+			{
+				c->generating_since = GetCurrentTimestamp();
+				c->generating_pid = MyProcPid;
+			}
 		}
 		LWLockRelease(env_lock(0));
 		if (ok)
 		{
 			ConditionVariableCancelSleep();
+			if (promoted)
+			{
+				/* Readers of what we write find the key in the cache. */
+				keycache_put(kek, wrapped, dek);
+			}
 			return;
 		}
 		if (!wait)
@@ -834,10 +911,16 @@ keycache_current_dek(const KekInfo *kek, int want, uint8 *dek, KmsWrapped *wrapp
 	}
 	ConditionVariableCancelSleep();
 
-	/* Ours to fetch, with no lock held; wake the waiters whatever happens. */
+	/*
+	 * Ours to fetch, with no lock held; wake the waiters whatever happens.
+	 * One batch makes the current key and KMS_BATCH_MAX - 1 spares, which
+	 * later key changes promote without a KMS call (while they are younger
+	 * than envelope.dek_max_age and their KEK version is the latest).
+	 */
+	nfresh = KMS_BATCH_MAX;
 	PG_TRY();
 	{
-		generate_checked(kek, fresh, &fresh_wrapped);
+		generate_checked(kek, nfresh, fresh, fresh_wrapped);
 	}
 	PG_CATCH();
 	{
@@ -850,26 +933,37 @@ keycache_current_dek(const KekInfo *kek, int want, uint8 *dek, KmsWrapped *wrapp
 	c = claim_slot(kc, kek);
 	env_wipe(c->dek, sizeof(c->dek));
 	memcpy(c->identity, identity, DIGEST_LEN);
-	c->version = fresh_wrapped.version;
+	c->version = fresh_wrapped[0].version;
 	*granted = Max(1, Min(want, envelope_dek_max_uses));
 	pg_atomic_write_u64(&c->uses, *granted);
 	c->created_at = GetCurrentTimestamp();
 	*created_at = c->created_at;
 	c->generating_since = 0;
 	c->generating_pid = 0;
-	c->wrapped_len = fresh_wrapped.len;
-	memcpy(c->wrapped, fresh_wrapped.data, fresh_wrapped.len);
+	c->wrapped_len = fresh_wrapped[0].len;
+	memcpy(c->wrapped, fresh_wrapped[0].data, fresh_wrapped[0].len);
 	memcpy(c->dek, fresh, ENV_KEY_LEN);
+	clear_spares(c);
+	for (int i = 1; i < nfresh; i++)
+	{
+		SpareDek   *sp = &c->spare[c->nspare++];
+
+		sp->version = fresh_wrapped[i].version;
+		sp->created_at = c->created_at;
+		sp->wrapped_len = fresh_wrapped[i].len;
+		memcpy(sp->wrapped, fresh_wrapped[i].data, fresh_wrapped[i].len);
+		memcpy(sp->dek, fresh + i * ENV_KEY_LEN, ENV_KEY_LEN);
+	}
 	LWLockRelease(env_lock(0));
 	ConditionVariableBroadcast(&kc->dek_ready);
 
 	memcpy(dek, fresh, ENV_KEY_LEN);
-	wrapped->version = fresh_wrapped.version;
-	wrapped->len = fresh_wrapped.len;
-	memcpy(wrapped->data, fresh_wrapped.data, fresh_wrapped.len);
+	wrapped->version = fresh_wrapped[0].version;
+	wrapped->len = fresh_wrapped[0].len;
+	memcpy(wrapped->data, fresh_wrapped[0].data, fresh_wrapped[0].len);
 
 	/* Readers of what we write find the key in the cache. */
-	keycache_put(kek, &fresh_wrapped, fresh);
+	keycache_put(kek, &fresh_wrapped[0], fresh);
 	env_wipe(fresh, sizeof(fresh));
 }
 
@@ -888,6 +982,7 @@ keycache_retire_current(const char *kek_name)
 		{
 			c->used = false;
 			env_wipe(c->dek, sizeof(c->dek));
+			clear_spares(c);
 			env_wipe(c->kek_name, sizeof(c->kek_name));
 			c->created_at = 0;
 			c->generating_since = 0;

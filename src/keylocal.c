@@ -303,10 +303,13 @@ keylocal_exit(int code, Datum arg)
  * and reservations past envelope.dek_max_age.
  */
 static void
-local_check(void)
+local_check(bool new_statement)
 {
 	uint64		generation = keycache_generation();
-	TimestampTz now = GetCurrentTimestamp();
+
+	/* A statement's first check goes by its start time (no clock read). */
+	TimestampTz now = new_statement ? GetCurrentStatementStartTimestamp() :
+		GetCurrentTimestamp();
 
 	if (generation != lk_generation)
 	{
@@ -335,9 +338,10 @@ local_maybe_check(void)
 {
 	local_setup();
 	lk_in_xact = true;
-	if (!lk_checked || lk_checked_statement != env_statement_id ||
-		++uses_since_check >= KEYLOCAL_RECHECK)
-		local_check();
+	if (!lk_checked || lk_checked_statement != env_statement_id)
+		local_check(true);
+	else if (++uses_since_check >= KEYLOCAL_RECHECK)
+		local_check(false);
 }
 
 /* The local copy of a wrapped key, or NULL. */

@@ -13,6 +13,7 @@
 #include "envelope.h"
 #include "utils/timestamp.h"
 
+#include "crypto.h"
 #include "kms.h"
 #include "shmem.h"
 
@@ -78,6 +79,37 @@ kms_generate_dek(const KmsProvider *p, const char *key_ref,
 				 uint8 *dek, KmsWrapped *wrapped)
 {
 	COUNTED_CALL(KMS_OP_GENERATE, p->generate_dek(key_ref, dek, wrapped));
+}
+
+/* n new data keys, wrapped in one call where the provider can. */
+void
+kms_generate_deks(const KmsProvider *p, const char *key_ref, int n,
+				  uint8 *deks, KmsWrapped *wrapped)
+{
+	Assert(n >= 1 && n <= KMS_BATCH_MAX);
+	if (n > 1 && p->wrap_batch != NULL)
+	{
+		env_random_bytes(deks, n * ENV_KEY_LEN);
+		COUNTED_CALL(KMS_OP_GENERATE, p->wrap_batch(key_ref, n, deks, wrapped));
+		return;
+	}
+	for (int i = 0; i < n; i++)
+		kms_generate_dek(p, key_ref, deks + i * ENV_KEY_LEN, &wrapped[i]);
+}
+
+/* Unwrap n data keys, in one call where the provider can. */
+void
+kms_unwrap_many(const KmsProvider *p, const char *key_ref, int n,
+				const KmsWrapped *wrapped, uint8 *deks)
+{
+	Assert(n >= 1 && n <= KMS_BATCH_MAX);
+	if (n > 1 && p->unwrap_batch != NULL)
+	{
+		COUNTED_CALL(KMS_OP_UNWRAP, p->unwrap_batch(key_ref, n, wrapped, deks));
+		return;
+	}
+	for (int i = 0; i < n; i++)
+		kms_unwrap(p, key_ref, &wrapped[i], deks + i * ENV_KEY_LEN);
 }
 
 /* Wrap a data key under the latest version. */

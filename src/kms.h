@@ -24,6 +24,9 @@
 
 #include "envelope.h"
 
+/* Most data keys one batched call wraps or unwraps. */
+#define KMS_BATCH_MAX	4
+
 /* A data key wrapped by a KEK version; data is palloc'd. */
 typedef struct KmsWrapped
 {
@@ -54,6 +57,12 @@ typedef struct KmsProvider
 
 	/* Unwrap a data key. */
 	void		(*unwrap) (const char *key_ref, const KmsWrapped *wrapped, uint8 *dek);
+	/* Optional: wrap n (<= KMS_BATCH_MAX) data keys in one call. */
+	void		(*wrap_batch) (const char *key_ref, int n, const uint8 *deks,
+							   KmsWrapped *wrapped);
+	/* Optional: unwrap n (<= KMS_BATCH_MAX) data keys in one call. */
+	void		(*unwrap_batch) (const char *key_ref, int n, const KmsWrapped *wrapped,
+								 uint8 *deks);
 
 	/* Re-wrap under the latest version without exposing the data key. */
 	void		(*rewrap) (const char *key_ref, const KmsWrapped *in, KmsWrapped *out);
@@ -92,6 +101,19 @@ extern void kms_generate_dek(const KmsProvider *p, const char *key_ref,
 							 uint8 *dek, KmsWrapped *wrapped);
 extern void kms_wrap(const KmsProvider *p, const char *key_ref,
 					 const uint8 *dek, KmsWrapped *wrapped);
+
+/*
+ * n new data keys (n <= KMS_BATCH_MAX) in deks (n * 32 bytes), wrapped by
+ * the latest version: generated here (RAND_bytes) and wrapped in one call
+ * where the provider can, else one generate call per key.  Counted as
+ * generate calls.
+ */
+extern void kms_generate_deks(const KmsProvider *p, const char *key_ref, int n,
+							  uint8 *deks, KmsWrapped *wrapped);
+
+/* Unwrap n data keys, in one call where the provider can. */
+extern void kms_unwrap_many(const KmsProvider *p, const char *key_ref, int n,
+							const KmsWrapped *wrapped, uint8 *deks);
 extern void kms_unwrap(const KmsProvider *p, const char *key_ref,
 					   const KmsWrapped *wrapped, uint8 *dek);
 extern void kms_rewrap(const KmsProvider *p, const char *key_ref,

@@ -6,8 +6,9 @@
  * Endpoints (relative to <envelope.vault_addr>/v1/<envelope.vault_mount>/):
  *		GET  keys/:name					key_info
  *		POST datakey/plaintext/:name	generate_dek (plaintext + wrapped)
- *		POST encrypt/:name				wrap (move a data key to another KEK)
- *		POST decrypt/:name				unwrap
+ *		POST encrypt/:name				wrap (move a data key to another KEK);
+ *										with batch_input: wrap_batch (new data keys)
+ *		POST decrypt/:name				unwrap; with batch_input: unwrap_batch
  *		POST rewrap/:name				rewrap to the latest version
  *		POST keys/:name/rotate			rotate
  *		POST keys/:name/config			set_min_decryption_version
@@ -59,7 +60,7 @@
 typedef struct VaultAnswer
 {
 	long		status;
-	JsonxField	fields[4];		/* caller's fields, then "errors.0" last */
+	JsonxField	fields[KMS_BATCH_MAX + 2];	/* caller's fields, then "errors.0" last */
 	int			nfields;
 } VaultAnswer;
 
@@ -538,6 +539,71 @@ vault_wrap(const char *key_ref, const uint8 *dek, KmsWrapped *wrapped)
 	jsonx_wipe(a.fields, a.nfields);
 }
 
+/*
+ * wrap_batch: POST encrypt/:name with batch_input, one item per data key;
+ * every item must come back with its ciphertext (an item's error makes the
+ * answer malformed for us, and nothing is used).
+ */
+static void
+vault_wrap_batch(const char *key_ref, int n, const uint8 *deks, KmsWrapped *wrapped)
+{
+	const char *paths[KMS_BATCH_MAX] = {0};
+	VaultAnswer a;
+	StringInfoData body;
+	char		b64[64];
+
+	initStringInfo(&body);
+	appendStringInfoString(&body, "{\"batch_input\": [");
+	for (int i = 0; i < n; i++)
+	{
+		int			len = pg_b64_encode((const char *) deks + i * ENV_KEY_LEN, ENV_KEY_LEN,
+										b64, sizeof(b64) - 1);
+
+		if (len < 0)
+			elog(ERROR, "could not encode data key");
+		b64[len] = '\0';
+		appendStringInfo(&body, "%s{\"plaintext\": \"%s\"}", i ? ", " : "", b64);
+		paths[i] = psprintf("data.batch_results.%d.ciphertext", i);
+	}
+	env_wipe(b64, sizeof(b64));
+	appendStringInfoString(&body, "]}");
+	vault_call("POST", "encrypt", key_ref, NULL, &body, paths, n, 0, &a);
+	for (int i = 0; i < n; i++)
+		parse_ciphertext(answer_string(&a, i, key_ref), key_ref, &wrapped[i]);
+	jsonx_wipe(a.fields, a.nfields);
+}
+
+/* unwrap_batch: POST decrypt/:name with batch_input. */
+static void
+vault_unwrap_batch(const char *key_ref, int n, const KmsWrapped *wrapped, uint8 *deks)
+{
+	const char *paths[KMS_BATCH_MAX] = {0};
+	VaultAnswer a;
+	StringInfoData body;
+
+	initStringInfo(&body);
+	appendStringInfoString(&body, "{\"batch_input\": [");
+	for (int i = 0; i < n; i++)
+	{
+		appendStringInfoString(&body, i ? ", {\"ciphertext\": " : "{\"ciphertext\": ");
+		append_ciphertext(&body, &wrapped[i]);
+		appendStringInfoChar(&body, '}');
+		paths[i] = psprintf("data.batch_results.%d.plaintext", i);
+	}
+	appendStringInfoString(&body, "]}");
+	vault_call("POST", "decrypt", key_ref, NULL, &body, paths, n, wrapped[0].version, &a);
+	PG_TRY();
+	{
+		for (int i = 0; i < n; i++)
+			decode_dek(answer_string(&a, i, key_ref), key_ref, deks + i * ENV_KEY_LEN);
+	}
+	PG_FINALLY();
+	{
+		jsonx_wipe(a.fields, a.nfields);
+	}
+	PG_END_TRY();
+}
+
 /* unwrap: POST decrypt/:name */
 static void
 vault_unwrap(const char *key_ref, const KmsWrapped *wrapped, uint8 *dek)
@@ -611,6 +677,8 @@ const KmsProvider kms_vault_provider = {
 	.generate_dek = vault_generate_dek,
 	.wrap = vault_wrap,
 	.unwrap = vault_unwrap,
+	.wrap_batch = vault_wrap_batch,
+	.unwrap_batch = vault_unwrap_batch,
 	.rewrap = vault_rewrap,
 	.rotate = vault_rotate,
 	.set_min_decryption_version = vault_set_min_decryption_version,

@@ -463,19 +463,48 @@ def op_config(ring, body, name):
     return ring.configure(name, body)
 
 
+def batch_items(body):
+    """The items of a batch_input request, or None for a single-item request."""
+    items = body.get("batch_input")
+    if items is None:
+        return None
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+        raise ApiError(400, "batch_input must be a non-empty list of objects")
+    return items
+
+
+def run_batch(items, one):
+    """Vault's batch semantics: one result per item, an item's failure as its "error"."""
+    results = []
+    for item in items:
+        try:
+            results.append(one(item))
+        except ApiError as e:
+            results.append({"error": "; ".join(e.messages)})
+    if all("error" in r for r in results):
+        raise ApiError(400, *[r["error"] for r in results])
+    return {"batch_results": results}
+
+
 def op_encrypt(ring, body, name):
-    """POST encrypt/:name."""
-    plaintext = b64decode_strict(str_param(body, "plaintext", "missing plaintext to encrypt"))
-    if plaintext is None:
-        raise ApiError(400, "failed to base64-decode plaintext")
-    version, key = ring.encryption_key(name, int_param(body, "key_version", 0))
-    return {"ciphertext": seal(key, version, plaintext), "key_version": version}
+    """POST encrypt/:name (also with batch_input)."""
+    def one(item):
+        plaintext = b64decode_strict(str_param(item, "plaintext", "missing plaintext to encrypt"))
+        if plaintext is None:
+            raise ApiError(400, "failed to base64-decode plaintext")
+        version, key = ring.encryption_key(name, int_param(item, "key_version", 0))
+        return {"ciphertext": seal(key, version, plaintext), "key_version": version}
+    items = batch_items(body)
+    return one(body) if items is None else run_batch(items, one)
 
 
 def op_decrypt(ring, body, name):
-    """POST decrypt/:name."""
-    ciphertext = str_param(body, "ciphertext", "missing ciphertext to decrypt")
-    return {"plaintext": b64encode(unseal(ring, name, ciphertext))}
+    """POST decrypt/:name (also with batch_input)."""
+    def one(item):
+        ciphertext = str_param(item, "ciphertext", "missing ciphertext to decrypt")
+        return {"plaintext": b64encode(unseal(ring, name, ciphertext))}
+    items = batch_items(body)
+    return one(body) if items is None else run_batch(items, one)
 
 
 def op_rewrap(ring, body, name):
@@ -519,6 +548,16 @@ def resolve(mount, method, path):
 def lie(kind, params, status, payload):
     """The plausible but wrong 200 data of the lying fault mode."""
     data = payload.get("data") if status == 200 else None
+    if data and isinstance(data.get("batch_results"), list):
+        # A batch: every item plausible but wrong.  Ciphertexts are passed
+        # round (each a valid wrapping of another item's key); plaintexts
+        # are random.
+        results = data["batch_results"]
+        if kind == "decrypt":
+            return {"batch_results": [{"plaintext": b64encode(os.urandom(32))} for _ in results]}
+        shifted = results[1:] + results[:1] if len(results) > 1 else \
+            [{"ciphertext": f"{PREFIX}1:AAAA", "key_version": 1}]
+        return {"batch_results": shifted}
     if kind == "decrypt":
         size = len(base64.b64decode(data["plaintext"])) if data else 32
         return {"plaintext": b64encode(os.urandom(size))}
