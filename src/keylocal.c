@@ -24,7 +24,10 @@
  *	- uses of a current encryption key are reserved from the shared counter
  *	  in batches (1, then doubling up to RESERVE_MAX within a statement), so
  *	  envelope.dek_max_uses still bounds the values sealed under a key
- *	  server-wide: a reservation not used up is lost, never reused;
+ *	  server-wide.  Uses a statement reserved but did not need stay with
+ *	  the backend for its later statements (while the key is current
+ *	  enough: dek_max_age, KEK version, no flush); those left at exit are
+ *	  lost, never counted twice;
  *	- copies are wiped on eviction, expiry, generation change and backend
  *	  exit.  Raw keys live in pages excluded from core dumps
  *	  (MADV_DONTDUMP) and locked in RAM where the platform allows.  The AES
