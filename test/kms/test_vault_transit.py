@@ -341,6 +341,32 @@ class TransitApiTest(KmsTestCase):
         second = self.transit.encrypt_data("rt", b64(b"same"))["data"]["ciphertext"]
         self.assertNotEqual(first, second)
 
+    def test_batch_encrypt_decrypt(self):
+        """batch_input as hvac sends it: one result per item, an item's failure as its error."""
+        self.key("bt")
+        secrets = [os.urandom(32) for _ in range(4)]
+        enc = self.transit.encrypt_data("bt", plaintext=None,
+                                        batch_input=[{"plaintext": b64(x)} for x in secrets])["data"]
+        self.assertEqual(len(enc["batch_results"]), 4)
+        cts = [r["ciphertext"] for r in enc["batch_results"]]
+        self.assertEqual(len(set(cts)), 4)
+        for ct, x in zip(cts, secrets):
+            self.assertIsNotNone(CIPHERTEXT_RE.fullmatch(ct), ct)
+            self.assertEqual(self.transit.decrypt_data("bt", ct)["data"]["plaintext"], b64(x))
+        dec = self.transit.decrypt_data("bt", ciphertext=None,
+                                        batch_input=[{"ciphertext": c} for c in cts])["data"]
+        self.assertEqual([r["plaintext"] for r in dec["batch_results"]], [b64(x) for x in secrets])
+        # one bad item: its own error, the others still answered
+        dec = self.transit.decrypt_data("bt", ciphertext=None,
+                                        batch_input=[{"ciphertext": cts[0]},
+                                                     {"ciphertext": "vault:v1:AAAA"}])["data"]
+        self.assertEqual(dec["batch_results"][0]["plaintext"], b64(secrets[0]))
+        self.assertIn("error", dec["batch_results"][1])
+        self.assertNotIn("plaintext", dec["batch_results"][1])
+        # every item bad: 400
+        with self.assertRaises(hvac.exceptions.InvalidRequest):
+            self.transit.decrypt_data("bt", ciphertext=None, batch_input=[{"ciphertext": "vault:v1:AAAA"}])
+
     def test_ciphertext_is_aes_gcm_with_stored_key(self):
         """The ciphertext opens with AES-256-GCM and the key material kept in state.json."""
         self.key("layout")
