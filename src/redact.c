@@ -463,16 +463,29 @@ text_hash(const char *s)
 	return hash_bytes_extended((const unsigned char *) s, (int) strlen(s), 0);
 }
 
+/* Was a text with this hash seen calling envelope's functions? */
+static bool
+learned_hash(uint64 h)
+{
+	static int	last_hit = 0;
+
+	/* A session mostly repeats its last statement: try that slot first. */
+	if (h != 0 && learned[last_hit] == h)
+		return true;
+	for (int i = 0; i < LEARNED_SIZE; i++)
+		if (learned[i] == h && h != 0)
+		{
+			last_hit = i;
+			return true;
+		}
+	return false;
+}
+
 /* Was this text seen calling envelope's functions? */
 static bool
 learned_text(const char *s)
 {
-	uint64		h = text_hash(s);
-
-	for (int i = 0; i < LEARNED_SIZE; i++)
-		if (learned[i] == h && h != 0)
-			return true;
-	return false;
+	return learned_hash(text_hash(s));
 }
 
 /* Remember that the running statement involves envelope. */
@@ -485,10 +498,15 @@ env_redact_note_use(void)
 		return;
 	noted_statement = env_statement_id;
 	noted_query = q;
-	if (q != masked_query && !learned_text(q))
+	if (q != masked_query)
 	{
-		learned[learned_next] = text_hash(q);
-		learned_next = (learned_next + 1) % LEARNED_SIZE;
+		uint64		h = text_hash(q);
+
+		if (!learned_hash(h))
+		{
+			learned[learned_next] = h;
+			learned_next = (learned_next + 1) % LEARNED_SIZE;
+		}
 	}
 }
 
