@@ -48,7 +48,8 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-use EnvelopeTAP qw(envelope_root start_kms kms_create_key envelope_conf stop_kms);
+use EnvelopeTAP qw(envelope_root start_kms kms_create_key envelope_conf stop_kms
+  audit_log_records audit_record_keys);
 
 my $t_start = time;
 my $nbig = 200_000;
@@ -156,29 +157,12 @@ sub allowed_ok
 
 sub log_offset { return -s $node->logfile; }
 
-# Every audit record written to the stderr log after $offset, decoded, with
-# its raw JSON text in _raw and its line in _line.
+# Every audit record written to the stderr log (or $file) after $offset
+# (EnvelopeTAP).
 sub audit_records
 {
 	my ($offset, $file) = @_;
-	my $text = slurp_file($file // $node->logfile, $offset // 0);
-	my @recs;
-	for my $line (split /\n/, $text)
-	{
-		next unless $line =~ /\bLOG:  ENVELOPE AUDIT: (\{.*)$/;
-		my $raw = $1;
-		my $r = eval { $json->decode($raw) };
-		if (!defined $r || ref $r ne 'HASH')
-		{
-			fail('audit record is a JSON object');
-			diag($line);
-			next;
-		}
-		$r->{_raw} = $raw;
-		$r->{_line} = $line;
-		push @recs, $r;
-	}
-	return @recs;
+	return audit_log_records($file // $node->logfile, $offset);
 }
 
 # Records after $offset with the given field values; 'statement' => 1 keeps
@@ -213,12 +197,8 @@ sub wait_records
 	return @r;
 }
 
-# The top-level keys of a record, in order.
-sub record_keys
-{
-	my ($raw) = @_;
-	return ($raw =~ /(?:^\{|, )"([a-z_]+)": /g);
-}
+# The top-level keys of a record, in order (EnvelopeTAP).
+sub record_keys { return audit_record_keys($_[0]); }
 
 my @common_keys = qw(seq ts event user session_user db app client pid query_id kek kek_version);
 

@@ -47,7 +47,8 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-use EnvelopeTAP qw(envelope_root start_kms kms_create_key envelope_conf stop_kms);
+use EnvelopeTAP qw(envelope_root start_kms kms_create_key envelope_conf stop_kms
+  audit_log_records audit_record_keys);
 
 my $verifier = envelope_root() . '/test/audit_verify.py';
 -f $verifier or BAIL_OUT("audit verifier not found at $verifier");
@@ -133,32 +134,8 @@ sub bg_session
 
 sub log_offset { return -s $node->logfile; }
 
-# Every audit record written to the stderr log after $offset, decoded, with
-# its raw JSON text in _raw, its line in _line and the log line's process id
-# (log_line_prefix '%m [%p] ...') in _line_pid.
-sub audit_records
-{
-	my ($offset) = @_;
-	my $text = slurp_file($node->logfile, $offset // 0);
-	my @recs;
-	for my $line (split /\n/, $text)
-	{
-		next unless $line =~ /\bLOG:  ENVELOPE AUDIT: (\{.*)$/;
-		my $raw = $1;
-		my $r = eval { $json->decode($raw) };
-		if (!defined $r || ref $r ne 'HASH')
-		{
-			fail('audit record is a JSON object');
-			diag($line);
-			next;
-		}
-		$r->{_raw} = $raw;
-		$r->{_line} = $line;
-		$r->{_line_pid} = $line =~ /^[^[]*\[(\d+)\]/ ? $1 : undef;
-		push @recs, $r;
-	}
-	return @recs;
-}
+# Every audit record written to the stderr log after $offset (EnvelopeTAP).
+sub audit_records { return audit_log_records($node->logfile, $_[0]); }
 
 # Records after $offset with the given field values.
 sub records
@@ -192,12 +169,8 @@ sub wait_statements
 	}
 }
 
-# The top-level keys of a record, in order.
-sub record_keys
-{
-	my ($raw) = @_;
-	return ($raw =~ /(?:^\{|, )"([a-z_]+)": /g);
-}
+# The top-level keys of a record, in order (EnvelopeTAP).
+sub record_keys { return audit_record_keys($_[0]); }
 
 # 2026-11-29T10:00:00.000001Z -> epoch seconds.
 sub ts_epoch

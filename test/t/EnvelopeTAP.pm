@@ -14,6 +14,7 @@ use Exporter qw(import);
 use File::Basename qw(dirname);
 use File::Copy qw(copy);
 use IPC::Run;
+use JSON::PP;
 use Time::HiRes qw(usleep time);
 
 use PostgreSQL::Test::Cluster;
@@ -21,7 +22,8 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 
 our @EXPORT_OK =
-  qw(envelope_root start_kms kms_create_key envelope_conf psql_verbose stop_kms);
+  qw(envelope_root start_kms kms_create_key envelope_conf psql_verbose stop_kms
+  audit_log_records audit_record_keys);
 
 # Every KMS start_kms started, for the END block below.
 my @started;
@@ -156,6 +158,42 @@ sub stop_kms
 	$kms->{stopped} = 1;
 	is($h->result(0), 0, 'test KMS stopped cleanly');
 	return;
+}
+
+# Every audit record in a stderr log file after byte $offset, decoded, with
+# its raw JSON text in _raw, its log line in _line and the log line's
+# process id (log_line_prefix '%m [%p] ...') in _line_pid.  A line that
+# looks like a record but is not a JSON object fails a test.
+sub audit_log_records
+{
+	my ($file, $offset) = @_;
+	my $json = JSON::PP->new->utf8;
+	my $text = slurp_file($file, $offset // 0);
+	my @recs;
+	for my $line (split /\n/, $text)
+	{
+		next unless $line =~ /\bLOG:  ENVELOPE AUDIT: (\{.*)$/;
+		my $raw = $1;
+		my $r = eval { $json->decode($raw) };
+		if (!defined $r || ref $r ne 'HASH')
+		{
+			fail('audit record is a JSON object');
+			diag($line);
+			next;
+		}
+		$r->{_raw} = $raw;
+		$r->{_line} = $line;
+		$r->{_line_pid} = $line =~ /^[^[]*\[(\d+)\]/ ? $1 : undef;
+		push @recs, $r;
+	}
+	return @recs;
+}
+
+# The top-level keys of an audit record's JSON text, in order.
+sub audit_record_keys
+{
+	my ($raw) = @_;
+	return ($raw =~ /(?:^\{|, )"([a-z_]+)": /g);
 }
 
 1;
