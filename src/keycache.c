@@ -757,9 +757,10 @@ promote_spare(CurrentDek *c, const KekInfo *kek, const uint8 *identity, Timestam
 	{
 		SpareDek	sp = c->spare[0];
 
-		env_wipe(c->spare[0].dek, sizeof(c->spare[0].dek));
 		memmove(&c->spare[0], &c->spare[1], sizeof(SpareDek) * (c->nspare - 1));
 		c->nspare--;
+		/* the old last slot still holds a copy */
+		env_wipe(c->spare[c->nspare].dek, sizeof(c->spare[c->nspare].dek));
 		if (memcmp(c->identity, identity, DIGEST_LEN) != 0 ||
 			sp.version < kek->latest_version ||
 			now - sp.created_at >= (TimestampTz) envelope_dek_max_age * USECS_PER_SEC)
@@ -1130,6 +1131,56 @@ keycache_release_claims(int code, Datum arg)
 	}
 }
 
+/*
+ * Wipe encryption keys past envelope.dek_max_age (the sweeper's value):
+ * a KEK's current key and its spares, so an idle server does not keep
+ * keys it will never use again.  A slot being refilled is left alone.
+ */
+static void
+sweep_currents(KeyCacheShared *kc, TimestampTz now)
+{
+	TimestampTz max_age = (TimestampTz) envelope_dek_max_age * USECS_PER_SEC;
+	bool		any = false;
+
+	LWLockAcquire(env_lock(0), LW_SHARED);
+	for (int i = 0; i < MAX_CURRENT_DEKS && !any; i++)
+	{
+		CurrentDek *c = &kc->currents[i];
+
+		any = c->used && c->generating_since == 0 &&
+			((c->created_at != 0 && now - c->created_at >= max_age) ||
+			 (c->nspare > 0 && now - c->spare[0].created_at >= max_age));
+	}
+	LWLockRelease(env_lock(0));
+	if (!any)
+		return;
+
+	LWLockAcquire(env_lock(0), LW_EXCLUSIVE);
+	for (int i = 0; i < MAX_CURRENT_DEKS; i++)
+	{
+		CurrentDek *c = &kc->currents[i];
+		int			keep = 0;
+
+		if (!c->used || c->generating_since != 0)
+			continue;
+		if (c->created_at != 0 && now - c->created_at >= max_age)
+		{
+			/* take_use() refuses it from now on; the next enc() replaces it */
+			env_wipe(c->dek, sizeof(c->dek));
+			c->created_at = 0;
+			pg_atomic_write_u64(&c->uses, PG_UINT64_MAX / 2);
+		}
+		for (int j = 0; j < c->nspare; j++)
+			if (now - c->spare[j].created_at < max_age && keep++ != j)
+				c->spare[keep - 1] = c->spare[j];
+		/* wipe what is no longer kept, moved copies included */
+		for (int j = keep; j < c->nspare; j++)
+			env_wipe(c->spare[j].dek, sizeof(c->spare[j].dek));
+		c->nspare = keep;
+	}
+	LWLockRelease(env_lock(0));
+}
+
 /* Wipe entries past their time, grace included (the sweeper). */
 void
 keycache_sweep(void)
@@ -1137,6 +1188,8 @@ keycache_sweep(void)
 	KeyCacheShared *kc = (KeyCacheShared *) env_key_region();
 	TimestampTz now = GetCurrentTimestamp();
 	int64		expired = 0;
+
+	sweep_currents(kc, now);
 
 	for (int part = 0; part < kc->nparts; part++)
 	{

@@ -460,13 +460,15 @@ current_refill(LocalCurrent *c, const KekInfo *kek)
 {
 	uint8		dek[ENV_KEY_LEN];
 	KmsWrapped	w;
-	int			want;
+	volatile int want;
 	int			granted = 0;
 	TimestampTz created_at = 0;
 
 	/* 1 for a statement's first value, then doubling: few uses are lost. */
 	want = (c->used && c->batch_statement == env_statement_id) ?
 		Min(c->batch * 2, RESERVE_MAX) : 1;
+	/* Never more than a sixteenth of a key: other sessions share it. */
+	want = Max(1, Min(want, envelope_dek_max_uses / 16));
 	current_clear(c);
 	PG_TRY();
 	{

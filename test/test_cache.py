@@ -14,9 +14,12 @@ What is checked (one line per test: PASS/FAIL, name, seconds):
                              "envelope key cache sweeper" worker runs
   shared_between_sessions    a key unwrapped by one session is a hit in another
   cache_flush_server_wide    cache_flush() and cache_flush(kek) act server-wide
-  dek_limits_are_global      dek_max_uses / dek_max_age count across sessions
-                             (2 x 1000 concurrent inserts, uses = 100 -> 20..22 keys)
-  dek_rollover_kms_calls     ... and the same load creates at most 22 data keys at the KMS
+  dek_limits_are_global      dek_max_uses / dek_max_age count across sessions: 30 + 70 + 1 values
+                             in two sessions, uses = 100 -> <= 100 values per key, 2 keys; 2 x 1000
+                             concurrent inserts -> 20..22 keys, ceil(keys/4) (+1) generation requests
+  dek_rollover_kms_calls     ... and the same load uses at most 22 data keys, made by
+                             ceil(keys/4) (+1) KMS generation requests (batches of 4), each verified
+                             by one decrypt
   rotate_kek_all_backends    rotate_kek() retires the current data key everywhere
   ttl_expiry_and_sweeper     cache_ttl (reloaded), expiry without traffic
   flush_reaches_open_session cache_flush() in one session drops another open session's local copy
@@ -25,8 +28,13 @@ What is checked (one line per test: PASS/FAIL, name, seconds):
   idle_backend_wipes_keys    an idle backend's memory (/proc/PID/mem, private and shared) no longer
                              holds an expired data key's bytes (nor its AES schedule's first round key)
   dek_max_uses_server_wide   dek_max_uses = 50 across 3 x 120 one-row INSERTs and one 200-row INSERT
-                             ... SELECT, concurrently; KMS datakey calls <= ceil(560/50) + 2 x 4
-  reservation_no_waste_single_rows  dek_max_uses = 10: 30 one-row INSERTs -> exactly 3 data keys
+                             ... SELECT, concurrently; data keys <= ceil(560/50) + 2 x 4, KMS
+                             generation requests <= ceil(keys/4) + 1
+  reservation_no_waste_single_rows  dek_max_uses = 10: 30 one-row INSERTs -> exactly 3 data keys,
+                             1 KMS generation request
+  spare_keys_after_flush     dek_max_uses = 10: 40 one-row INSERTs -> 4 keys, 1 generation request
+                             (+1 verification decrypt); spares used without KMS calls, wiped by
+                             cache_flush(), never used after rotate_kek() or past dek_max_age
   kms_retries                503/429/refused retried with backoff, bounded by
                              statement_timeout; kms_retries = 0 fails at once
   outage_grace               kms_outage_grace: stale keys only while the KMS is
@@ -36,7 +44,11 @@ What is checked (one line per test: PASS/FAIL, name, seconds):
   cache_size_lru_eviction    cache_size = 16 (restart): capacity, LRU eviction
   restart_empties_cache      a restart empties the cache and resets the counters
   not_preloaded_cluster      without shared_preload_libraries: 55000, type I/O works
-  pgbench_mixed_load         8 clients x 30 s of enc()/dec_text(), dek_max_uses = 1000
+  pgbench_mixed_load         8 clients x 30 s of enc()/dec_text(), dek_max_uses = 1000,
+                             KMS generation requests <= ceil(keys/4) + 1
+
+"KMS generation requests" are the test KMS's encrypt (batch_input: envelope generates 4 data keys
+and has them wrapped in one call) plus datakey (unbatched fallback) requests.
 
 The test may restart the dev cluster and change settings with ALTER SYSTEM;
 every change is undone at the end (settings restored to what
@@ -154,6 +166,38 @@ def run(conn, sql, args=None):
 def kms_decrypts():
     """Decrypt (unwrap) requests that reached the KMS so far, faulted ones included."""
     return admin("GET", "/stats")["requests"]["decrypt"]
+
+
+# Data keys per key generation request (src/kms.h KMS_BATCH_MAX, docs/design.md "Batched key
+# generation"): envelope makes 4 keys (RAND_bytes), wraps them with one Transit encrypt call
+# (batch_input) and verifies them with one decrypt call; the first becomes the KEK's current key,
+# the other three are spares promoted without a KMS call.
+KEYS_PER_GENERATION = 4
+# Extra generation requests allowed under concurrency: a backend that finds the KEK's
+# "generating" mark abandoned (its owner gone, or past the pending limit on a slow KMS) fetches a
+# batch of its own, and the spares of the batch it replaces are wiped unused.  Every other
+# rollover race is settled under the key slot's lock (promote a spare, or wait for the one
+# generator), so one extra request per concurrent run is ample.
+GENERATION_RACE_ALLOWANCE = 1
+
+
+def kms_generations(requests=None):
+    """Key generation requests that reached the KMS so far (or in the given kms_requests()
+    snapshot): batched Transit encrypt calls (envelope generates the keys, the KMS wraps 4 per
+    call) plus datakey/plaintext calls (the unbatched fallback).  Nothing else in this test
+    wraps keys through encrypt."""
+    r = admin("GET", "/stats")["requests"] if requests is None else requests
+    return r["encrypt"] + r["datakey"]
+
+
+def kms_requests():
+    """The test KMS's request counters (a dict: datakey, encrypt, decrypt, ...)."""
+    return dict(admin("GET", "/stats")["requests"])
+
+
+def generations_for(keys):
+    """Generation requests that make the given number of data keys: ceil(keys / 4)."""
+    return -(-keys // KEYS_PER_GENERATION)
 
 
 def cache_stats(conn):
@@ -641,19 +685,45 @@ def dek_limits_are_global(t):
     wrapped = ("SELECT envelope.metadata(v)->>'wrapped_dek_b64' FROM " + tab +
                " WHERE kek = %s AND sess = %s ORDER BY id")
 
-    # Deterministic: 30 values in A, 70 in B, then 1 in A: the first 100 share one data key.
+    # Deterministic: 30 values in A, 70 in B, then 1 in A.  What the design guarantees
+    # (docs/design.md, src/keylocal.c): every data key encrypts at most dek_max_uses = 100 values
+    # server-wide, and the KEK's current key is shared by all sessions.  It does not promise that
+    # 30 + 70 values fit one key: uses are reserved per backend (1, then doubling within a
+    # statement), so A's 30-row statement reserves 1+2+4+8+16 = 31 uses and keeps the one it did
+    # not need for its later statements, and B's 70th value may need the next key.  A reservation
+    # is never lost while its session lives, so the 100 values of A1 and B use at most 2 keys,
+    # and A's 1-value statement A2 uses the use A still holds (or a key already in use).
     k1 = new_kek(setup)
     run(a, ins, (k1, "A1", k1, 30))
     run(b, ins, (k1, "B", k1, 70))
     run(a, ins, (k1, "A2", k1, 1))
-    wa1 = {r[0] for r in qall(setup, wrapped, (k1, "A1"))}
-    wb = {r[0] for r in qall(setup, wrapped, (k1, "B"))}
-    wa2 = {r[0] for r in qall(setup, wrapped, (k1, "A2"))}
-    t.expect(len(wa1) == 1 and wa1 == wb,
-             "dek_max_uses = 100: 30 values from session A and then 70 from session B use %d and %d data keys, "
-             "%s; expected one data key shared by both sessions" % (len(wa1), len(wb),
-                                                                   "shared" if wa1 & wb else "none shared"))
-    t.expect(not (wa2 & (wa1 | wb)), "the 101st value reused the data key that had encrypted 100 values")
+    la1 = [r[0] for r in qall(setup, wrapped, (k1, "A1"))]
+    lb = [r[0] for r in qall(setup, wrapped, (k1, "B"))]
+    la2 = [r[0] for r in qall(setup, wrapped, (k1, "A2"))]
+    t.require(len(la1) == 30 and len(lb) == 70 and len(la2) == 1,
+              "rows inserted: A1 %d, B %d, A2 %d; expected 30, 70, 1" % (len(la1), len(lb), len(la2)))
+    wa1, wb, wa2 = set(la1), set(lb), set(la2)
+    per_key = qall(setup, "SELECT envelope.metadata(v)->>'wrapped_dek_b64' w, count(*), "
+                          "string_agg(DISTINCT sess, ',' ORDER BY sess) FROM " + tab +
+                   " WHERE kek = %s GROUP BY w ORDER BY min(id)", (k1,))
+    shown = ["%d (%s)" % (r[1], r[2]) for r in per_key]
+    t.note("dek_max_uses = 100, 30 values in A, 70 in B, 1 in A: values per data key %s" % shown)
+    most = max(r[1] for r in per_key)
+    t.expect(most <= 100, "dek_max_uses = 100: a data key encrypted %d values (30 in A, 70 in B, 1 in A); "
+                          "values per key: %s" % (most, shown))
+    t.expect(len(wa1) == 1, "a 30-row statement with dek_max_uses = 100 used %d data keys, expected 1" % len(wa1))
+    t.expect(lb[0] in wa1, "dek_max_uses = 100: session B's first value did not use the data key session A "
+                           "had just encrypted 30 values with (uses left): the current data key is not shared "
+                           "between sessions; values per key: %s" % shown)
+    t.expect(len(wa1 | wb) <= 2, "dek_max_uses = 100: 30 values from session A and then 70 from session B used "
+                                 "%d data keys, expected at most 2 (no reservation is lost while its session "
+                                 "lives); values per key: %s" % (len(wa1 | wb), shown))
+    t.expect(wa2 <= wa1 | wb, "session A's next one-value statement used a data key none of the first 100 "
+                              "values used, although A still held a reserved use (reservations stay with the "
+                              "session across statements); values per key: %s" % shown)
+    t.expect(len(per_key) == 2, "101 values with dek_max_uses = 100 used %d data keys, expected exactly 2 "
+                                "(at least 2 by the bound, at most 2 since no reservation was lost); values "
+                                "per key: %s" % (len(per_key), shown))
 
     # Concurrent: two sessions insert 1000 values each, in statements of 10 rows.
     k2 = new_kek(setup)
@@ -669,12 +739,12 @@ def dek_limits_are_global(t):
             errors.append("%s: %s" % (sess, e))
 
     threads = [threading.Thread(target=writer, args=(c, s), daemon=True) for c, s in ((a, "A"), (b, "B"))]
-    datakey0 = admin("GET", "/stats")["requests"]["datakey"]
+    gen0 = kms_generations()
     for th in threads:
         th.start()
     for th in threads:
         th.join(60)
-    datakeys = admin("GET", "/stats")["requests"]["datakey"] - datakey0
+    generated = kms_generations() - gen0
     t.require(not errors, "concurrent inserts failed: %s" % errors)
     rows = qall(setup, "SELECT w, count(*), count(DISTINCT sess) FROM (SELECT envelope.metadata(v)->>"
                        "'wrapped_dek_b64' w, sess FROM " + tab + " WHERE kek = %s) s GROUP BY w", (k2,))
@@ -683,12 +753,17 @@ def dek_limits_are_global(t):
     distinct = len(rows)
     most = max(r[1] for r in rows)
     both = sum(1 for r in rows if r[2] == 2)
+    gen_bound = generations_for(distinct) + GENERATION_RACE_ALLOWANCE
     t.note("2 x 1000 concurrent values: %d data keys, %d used by both sessions, at most %d values per key; "
-           "%d KMS datakey requests" % (distinct, both, most, datakeys))
+           "%d KMS generation requests (bound %d)" % (distinct, both, most, generated, gen_bound))
     t.expect(20 <= distinct <= 22, "2 x 1000 concurrent values with dek_max_uses = 100: %d distinct data keys, "
                                    "expected 20..22" % distinct)
     t.expect(most <= 100, "a data key encrypted %d values, more than dek_max_uses = 100" % most)
     t.expect(both >= 1, "no data key was used by both sessions: the current data key is not shared")
+    t.expect(generations_for(distinct) <= generated <= gen_bound,
+             "2 x 1000 concurrent values under %d data keys: %d KMS generation requests (encrypt + datakey), "
+             "expected %d..%d (4 keys per request, plus %d for a race)"
+             % (distinct, generated, generations_for(distinct), gen_bound, GENERATION_RACE_ALLOWANCE))
     bad = q1(setup, "SELECT count(*) FILTER (WHERE dec_text(v) IS DISTINCT FROM p) FROM " + tab)
     t.expect(bad == 0, "%d values do not decrypt to their plaintext" % bad)
 
@@ -702,10 +777,15 @@ def dek_limits_are_global(t):
     t.expect(va == vb, "dek_max_age = 2 s: sessions A and B encrypted within %.1f s with different data keys"
              % (time.monotonic() - t0))
     time.sleep(max(0.0, 2.3 - (time.monotonic() - t0)))
+    g0 = kms_generations()
     vb2 = dek_of(setup, q1(b, enc1, (k3,)))
     va2 = dek_of(setup, q1(a, enc1, (k3,)))
+    g1 = kms_generations()
     t.expect(vb2 != va, "dek_max_age = 2 s: after 2.3 s session B still used the old data key")
     t.expect(va2 == vb2, "after the data key aged out, sessions A and B use different new data keys")
+    # The first batch's three spares are as old as its first key: none may become current.
+    t.expect(g1 - g0 == 1, "dek_max_age = 2 s: replacing the aged-out data key made %d KMS generation requests, "
+                           "expected 1 (the spare keys generated with it are too old to be promoted)" % (g1 - g0))
     restore_settings(["envelope.dek_max_uses", "envelope.dek_max_age"])
 
 
@@ -731,19 +811,40 @@ def dek_rollover_kms_calls(t):
             errors.append("%s: %s" % (sess, e))
 
     threads = [threading.Thread(target=writer, args=(c, "S%d" % i), daemon=True) for i, c in enumerate(sessions)]
-    before = admin("GET", "/stats")["requests"]["datakey"]
+    r0, s0 = kms_requests(), cache_stats(setup)
     for th in threads:
         th.start()
     for th in threads:
         th.join(60)
-    generated = admin("GET", "/stats")["requests"]["datakey"] - before
+    r1, s1 = kms_requests(), cache_stats(setup)
     t.require(not errors, "concurrent inserts failed: %s" % errors)
+    generated = kms_generations(r1) - kms_generations(r0)
+    verified = r1["decrypt"] - r0["decrypt"]
     used = q1(setup, "SELECT count(DISTINCT envelope.metadata(v)->>'wrapped_dek_b64') FROM " + tab)
-    t.note("2 x 1000 concurrent values, dek_max_uses = 100: %d data keys used, %d created at the KMS"
-           % (used, generated))
-    t.expect(generated <= 22, "2 x 1000 concurrent values with dek_max_uses = 100 created %d data keys at the "
-                              "KMS (datakey requests) for %d used; expected at most 22 (20 plus a few from races)"
-             % (generated, used))
+    bound = generations_for(used) + GENERATION_RACE_ALLOWANCE
+    t.note("2 x 1000 concurrent values, dek_max_uses = 100: %d data keys used, %d KMS generation requests "
+           "(encrypt %d, datakey %d; bound %d), %d verification decrypts; cache_stats kms_generate +%d, kms_unwrap +%d"
+           % (used, generated, r1["encrypt"] - r0["encrypt"], r1["datakey"] - r0["datakey"], bound, verified,
+              delta(s0, s1, "kms_generate"), delta(s0, s1, "kms_unwrap")))
+    t.expect(used <= 22, "2 x 1000 concurrent values with dek_max_uses = 100 used %d data keys, expected at most "
+                         "22 (20 plus a few from races)" % used)
+    # Every rollover takes a spare or waits for the one backend fetching the next batch: racing
+    # sessions must not each go to the KMS.  ceil(used / 4) is also a lower bound: a request
+    # makes at most 4 keys.
+    t.expect(generations_for(used) <= generated <= bound,
+             "2 x 1000 concurrent values with dek_max_uses = 100 under %d data keys made %d KMS generation "
+             "requests (encrypt + datakey); expected %d..%d (4 keys per request, plus %d for a race)"
+             % (used, generated, generations_for(used), bound, GENERATION_RACE_ALLOWANCE))
+    t.expect(r1["datakey"] - r0["datakey"] == 0, "%d datakey requests: the Transit provider did not use batched "
+                                                 "generation (encrypt with batch_input)"
+             % (r1["datakey"] - r0["datakey"]))
+    # envelope.kms_verify = on: one batched decrypt verifies each batch; nothing else decrypts here.
+    t.expect(verified == generated, "%d KMS decrypt requests during an insert-only load with %d generation "
+                                    "requests; expected one verification decrypt per generation request"
+             % (verified, generated))
+    t.expect(delta(s0, s1, "kms_generate") == generated and delta(s0, s1, "kms_unwrap") == verified,
+             "cache_stats() counted kms_generate +%d and kms_unwrap +%d, the KMS saw %d generation and %d decrypt "
+             "requests" % (delta(s0, s1, "kms_generate"), delta(s0, s1, "kms_unwrap"), generated, verified))
     restore_settings(["envelope.dek_max_uses"])
 
 
@@ -810,11 +911,6 @@ def ttl_expiry_and_sweeper(t):
 # ---------------------------------------------------------------------------
 
 COMMIT_LABEL = b"envelope v2 AES-256-GCM key commitment"   # docs/format.md, algorithm 2
-
-
-def kms_datakeys():
-    """Data keys generated by the KMS so far (datakey requests)."""
-    return admin("GET", "/stats")["requests"]["datakey"]
 
 
 def unwrap_independently(conn, value_text):
@@ -1095,12 +1191,12 @@ def dek_max_uses_server_wide(t):
 
     threads = [threading.Thread(target=writer, args=(c, "S%d" % i), daemon=True) for i, c in enumerate(writers)]
     threads.append(threading.Thread(target=bulk_writer, daemon=True))
-    d0 = kms_datakeys()
+    g0 = kms_generations()
     for th in threads:
         th.start()
     for th in threads:
         th.join(120)
-    datakeys = kms_datakeys() - d0
+    generated = kms_generations() - g0
     t.require(not errors, "inserts failed: %s" % errors)
     t.require(not any(th.is_alive() for th in threads), "the writers did not finish within 120 s")
     rows = qall(setup, "SELECT w, count(*), count(DISTINCT sess) FROM (SELECT envelope.metadata(v)->>"
@@ -1118,18 +1214,32 @@ def dek_max_uses_server_wide(t):
     # is left when the session ends); allow one more key per session for rollover races (a session
     # finding the key exhausted while the next one is being generated).  Hence
     # ceil(total / max_uses) + 2 * sessions data keys at most.
+    #
+    # Keys are generated 4 per KMS request (one Transit encrypt with batch_input): the first
+    # becomes current, the other three are promoted without a KMS call when it runs out.  A
+    # promoted key always encrypts at least the value it was promoted for, so of the keys this
+    # run generated only the spares still waiting at its end (at most 3) encrypted nothing:
+    # ceil(keys / 4) requests, plus GENERATION_RACE_ALLOWANCE for a batch fetched by a backend
+    # that found the generator's mark abandoned (whose replaced spares are wiped unused).  And at
+    # least ceil(keys / 4), since a request makes at most 4 keys.
     sessions = singles + 1
     bound = -(-total // max_uses) + 2 * sessions
+    keys = len(rows)
+    gen_bound = generations_for(keys) + GENERATION_RACE_ALLOWANCE
     t.note("%d values (%d sessions x %d single-row INSERTs + one INSERT ... SELECT of %d), dek_max_uses = %d: "
-           "%d data keys used (%d shared by sessions), at most %d values per key, %d KMS datakey requests "
-           "(bound %d); values per key: %s"
-           % (total, singles, per_session, bulk, max_uses, len(rows), shared, most, datakeys, bound,
+           "%d data keys used (%d shared by sessions; bound %d), at most %d values per key, %d KMS generation "
+           "requests (bound %d); values per key: %s"
+           % (total, singles, per_session, bulk, max_uses, keys, shared, bound, most, generated, gen_bound,
               [r[1] for r in rows]))
     t.expect(most <= max_uses, "a data key encrypted %d values, more than dek_max_uses = %d" % (most, max_uses))
-    t.expect(datakeys <= bound, "%d KMS datakey requests for %d values with dek_max_uses = %d, more than "
-                                "ceil(%d/%d) + 2 x %d sessions = %d"
-             % (datakeys, total, max_uses, total, max_uses, sessions, bound))
-    t.expect(len(rows) <= datakeys, "%d data keys in use but only %d generated at the KMS" % (len(rows), datakeys))
+    t.expect(keys <= bound, "%d data keys for %d values with dek_max_uses = %d, more than "
+                            "ceil(%d/%d) + 2 x %d sessions = %d"
+             % (keys, total, max_uses, total, max_uses, sessions, bound))
+    t.expect(generated <= gen_bound, "%d KMS generation requests (encrypt + datakey) for %d data keys, more than "
+                                     "ceil(%d/4) + %d = %d"
+             % (generated, keys, keys, GENERATION_RACE_ALLOWANCE, gen_bound))
+    t.expect(keys <= KEYS_PER_GENERATION * generated,
+             "%d data keys in use but only %d KMS generation requests (at most 4 keys each)" % (keys, generated))
     bad = q1(setup, "SELECT count(*) FILTER (WHERE dec_text(v) IS DISTINCT FROM p) FROM " + tab)
     t.expect(bad == 0, "%d values do not decrypt to their plaintext" % bad)
     restore_settings(["envelope.dek_max_uses"])
@@ -1146,32 +1256,148 @@ def reservation_no_waste_single_rows(t):
     per_key = ("SELECT count(*) FROM " + tab + " WHERE part = %s "
                "GROUP BY envelope.metadata(v)->>'wrapped_dek_b64' ORDER BY min(id)")
 
-    # One session, 30 statements.
+    # One session, 30 statements: 3 data keys, all from one generation request (4 keys wrapped in
+    # one Transit encrypt call, verified by one decrypt call; the 4th key stays a spare).
     kek = new_kek(setup)
-    d0 = kms_datakeys()
+    g0, v0 = kms_generations(), kms_decrypts()
     for _ in range(30):
         run(a, one, ("one", "A", kek))
-    generated = kms_datakeys() - d0
+    generated, verified = kms_generations() - g0, kms_decrypts() - v0
     counts = [r[0] for r in qall(setup, per_key, ("one",))]
     t.expect(counts == [10, 10, 10], "one session, 30 one-row INSERTs, dek_max_uses = 10: values per data key %s, "
                                      "expected [10, 10, 10]" % counts)
-    t.expect(generated == 3, "one session, 30 one-row INSERTs, dek_max_uses = 10: %d KMS datakey requests, "
-                             "expected 3" % generated)
+    t.expect(generated == 1, "one session, 30 one-row INSERTs, dek_max_uses = 10 (3 data keys): %d KMS generation "
+                             "requests (encrypt + datakey), expected 1 (4 keys per request)" % generated)
+    t.expect(verified == 1, "one session, 30 one-row INSERTs, dek_max_uses = 10: %d KMS decrypt requests, expected 1 "
+                            "(the verification of the one batch)" % verified)
 
     # Two sessions taking turns, 15 statements each: a reservation of more than one use per
-    # statement would leave the other session short and cost a fourth key.
+    # statement would leave the other session short and cost a fourth key (which a spare would
+    # provide without a KMS call: the values per key show it).
     kek = new_kek(setup)
-    d0 = kms_datakeys()
+    g0, v0 = kms_generations(), kms_decrypts()
     for _ in range(15):
         run(a, one, ("two", "A", kek))
         run(b, one, ("two", "B", kek))
-    generated = kms_datakeys() - d0
+    generated, verified = kms_generations() - g0, kms_decrypts() - v0
     counts = [r[0] for r in qall(setup, per_key, ("two",))]
     t.expect(counts == [10, 10, 10], "two sessions alternating 15 one-row INSERTs each, dek_max_uses = 10: values "
                                      "per data key %s, expected [10, 10, 10]" % counts)
-    t.expect(generated == 3, "two sessions alternating 15 one-row INSERTs each, dek_max_uses = 10: %d KMS datakey "
-                             "requests, expected 3" % generated)
+    t.expect(generated == 1, "two sessions alternating 15 one-row INSERTs each, dek_max_uses = 10 (3 data keys): %d "
+                             "KMS generation requests (encrypt + datakey), expected 1" % generated)
+    t.expect(verified == 1, "two sessions alternating 15 one-row INSERTs each: %d KMS decrypt requests, expected 1 "
+                            "(the verification of the one batch)" % verified)
     restore_settings(["envelope.dek_max_uses"])
+
+
+@test
+def spare_keys_after_flush(t):
+    """Batched generation: one KMS request makes 4 data keys; the 3 spares become current without a
+    KMS call, and cache_flush(), rotate_kek() and dek_max_age keep them from being used."""
+    setup = t.session()
+    tab = new_table(setup, "spare", "id bigserial PRIMARY KEY, part text, v enc_bytea")
+    a, b = t.session(), t.session()
+    alter_system({"envelope.dek_max_uses": 10}, conns=(a, b))
+    kek = new_kek(setup)
+    one = "INSERT INTO " + tab + " (part, v) VALUES (%s, enc('s', %s)) RETURNING v::text"
+    per_key = ("SELECT count(*) FROM " + tab + " WHERE part = %s "
+               "GROUP BY envelope.metadata(v)->>'wrapped_dek_b64' ORDER BY min(id)")
+
+    def insert(part, n=1):
+        """n one-row INSERTs in session A; the last value's (kek_version, wrapped_dek_b64)."""
+        for _ in range(n):
+            v = q1(a, one, (part, kek))
+        return dek_of(setup, v)
+
+    # 40 one-row values: 4 data keys, one generation request, one verification decrypt.
+    r0, s0 = kms_requests(), cache_stats(setup)
+    last = insert("batch", 40)
+    r1, s1 = kms_requests(), cache_stats(setup)
+    counts = [r[0] for r in qall(setup, per_key, ("batch",))]
+    gen = kms_generations(r1) - kms_generations(r0)
+    t.note("40 one-row values, dek_max_uses = 10: values per key %s; KMS encrypt +%d, datakey +%d, decrypt +%d; "
+           "cache_stats kms_generate +%d, kms_unwrap +%d"
+           % (counts, r1["encrypt"] - r0["encrypt"], r1["datakey"] - r0["datakey"], r1["decrypt"] - r0["decrypt"],
+              delta(s0, s1, "kms_generate"), delta(s0, s1, "kms_unwrap")))
+    t.expect(counts == [10, 10, 10, 10], "40 one-row INSERTs, dek_max_uses = 10: values per data key %s, expected "
+                                         "[10, 10, 10, 10]" % counts)
+    t.expect(gen == 1, "40 one-row INSERTs, dek_max_uses = 10 (4 data keys): %d KMS generation requests "
+                       "(encrypt + datakey), expected exactly 1" % gen)
+    t.expect(r1["datakey"] - r0["datakey"] == 0, "%d datakey requests: the keys were not generated in a batch "
+                                                 "(encrypt with batch_input)" % (r1["datakey"] - r0["datakey"]))
+    t.expect(r1["decrypt"] - r0["decrypt"] == 1, "40 one-row INSERTs (4 data keys): %d KMS decrypt requests, "
+                                                 "expected 1 (one batched verification)" % (r1["decrypt"] - r0["decrypt"]))
+    t.expect(delta(s0, s1, "kms_generate") == 1 and delta(s0, s1, "kms_unwrap") == 1,
+             "cache_stats(): kms_generate +%d, kms_unwrap +%d for one batch, expected +1 and +1"
+             % (delta(s0, s1, "kms_generate"), delta(s0, s1, "kms_unwrap")))
+    t.require(q1(setup, "SELECT count(*) FILTER (WHERE dec_text(v) = 's') FROM " + tab) == 40,
+              "not all 40 values decrypt")
+
+    # The batch is used up: the 41st value needs a new batch (key 5, spares 6..8), and 10 more
+    # values move to key 6 (a spare) with no KMS call.
+    g0 = kms_generations()
+    k5 = insert("flush")
+    g1 = kms_generations()
+    t.expect(g1 - g0 == 1, "the 41st value (the batch's 4 keys used up) made %d KMS generation requests, expected 1"
+             % (g1 - g0))
+    t.expect(k5 != last, "the 41st value used the 4th key, which had encrypted 10 values")
+    k6 = insert("flush", 10)
+    g2 = kms_generations()
+    t.expect(k6 != k5 and g2 - g1 == 0, "values 42..51 (key 5 used up after 10): %s, %d KMS generation requests; "
+                                        "expected a spare key and no KMS request"
+             % ("a new key" if k6 != k5 else "still key 5", g2 - g1))
+
+    # cache_flush() wipes the current key and the two spares left: the next enc() goes to the KMS.
+    t.require(q1(b, "SELECT envelope.cache_flush()") >= 0, "cache_flush() failed")
+    g3 = kms_generations()
+    k7 = insert("flush")
+    g4 = kms_generations()
+    t.expect(g4 - g3 == 1, "the first enc() after cache_flush() (in another session), with two spare keys left "
+                           "before it, made %d KMS generation requests, expected 1 (spares must be wiped)" % (g4 - g3))
+    t.expect(k7 not in (k5, k6), "the first enc() after cache_flush() used a data key from before the flush")
+    k8 = insert("flush")
+    t.expect(k8 == k7 and kms_generations() == g4,
+             "the enc() after that: %s, %d more KMS generation requests; expected the same key, no request"
+             % ("same key" if k8 == k7 else "another key", kms_generations() - g4))
+
+    # rotate_kek() (in another session) while the KEK has spares at version 1: the next enc() uses
+    # version 2, and no version-1 spare is ever promoted.
+    t.require(k7[0] == 1, "KEK version before rotation is %d, expected 1" % k7[0])
+    t.require(q1(b, "SELECT envelope.rotate_kek(%s)", (kek,)) == 2, "rotate_kek() did not return 2")
+    g5 = kms_generations()
+    k9 = insert("rotate")
+    g6 = kms_generations()
+    t.expect(k9[0] == 2, "the first enc() after rotate_kek() (spare keys at version 1 existed) used KEK version %d, "
+                         "expected 2" % k9[0])
+    t.expect(k9[1] not in (k7[1], k8[1]), "the first enc() after rotate_kek() used the retired data key")
+    t.expect(g6 - g5 == 1, "the first enc() after rotate_kek() made %d KMS generation requests, expected 1 (a batch "
+                           "under version 2)" % (g6 - g5))
+    insert("rotate", 24)                            # 25 values: keys 1..3 of the version-2 batch
+    versions = qall(setup, "SELECT (envelope.metadata(v)->>'kek_version')::int, count(*), "
+                           "count(DISTINCT envelope.metadata(v)->>'wrapped_dek_b64') FROM " + tab +
+                    " WHERE part = 'rotate' GROUP BY 1 ORDER BY 1")
+    t.expect(versions == [(2, 25, 3)], "25 values after rotate_kek(), dek_max_uses = 10: (kek_version, values, data "
+                                       "keys) %s, expected [(2, 25, 3)]" % versions)
+    t.expect(kms_generations() - g5 == 1, "25 values after rotate_kek() made %d KMS generation requests, expected 1"
+             % (kms_generations() - g5))
+
+    # dek_max_age: spares are as old as their batch; past the age limit none is promoted.
+    alter_system({"envelope.dek_max_age": 2}, conns=(a, b))
+    kek = new_kek(setup)
+    g7 = kms_generations()
+    k10 = insert("age")
+    born = time.monotonic()
+    g8 = kms_generations()
+    t.expect(g8 - g7 == 1, "first enc() under a new KEK made %d KMS generation requests, expected 1" % (g8 - g7))
+    time.sleep(max(0.0, 2.3 - (time.monotonic() - born)))
+    k11 = insert("age")
+    g9 = kms_generations()
+    t.expect(k11 != k10, "dek_max_age = 2 s: 2.3 s later the same data key encrypted again")
+    t.expect(g9 - g8 == 1, "dek_max_age = 2 s: the enc() 2.3 s after a batch was generated made %d KMS generation "
+                           "requests, expected 1 (its spares are too old to be promoted)" % (g9 - g8))
+    bad = q1(setup, "SELECT count(*) FILTER (WHERE dec_text(v) IS DISTINCT FROM 's') FROM " + tab)
+    t.expect(bad == 0, "%d values do not decrypt" % bad)
+    restore_settings(["envelope.dek_max_uses", "envelope.dek_max_age"])
 
 
 @test
@@ -1618,14 +1844,24 @@ def pgbench_mixed_load(t):
     rows = qall(c, "SELECT w, count(*) FROM (SELECT envelope.metadata(v)->>'wrapped_dek_b64' w FROM %s "
                    "WHERE id > %d) s GROUP BY w" % (tab, n))
     inserted = sum(x[1] for x in rows)
-    t.note("pgbench: %s tps, %d values inserted under %d data keys; KMS datakey %d, decrypt %d; hits %d, misses %d"
-           % (tps.group(1) if tps else "?", inserted, len(rows), k1["datakey"] - k0["datakey"],
-              k1["decrypt"] - k0["decrypt"], delta(s0, s1, "hits"), delta(s0, s1, "misses")))
+    generated = kms_generations(k1) - kms_generations(k0)
+    t.note("pgbench: %s tps, %d values inserted under %d data keys; KMS generation requests %d (encrypt %d, "
+           "datakey %d), decrypt %d; hits %d, misses %d"
+           % (tps.group(1) if tps else "?", inserted, len(rows), generated, k1["encrypt"] - k0["encrypt"],
+              k1["datakey"] - k0["datakey"], k1["decrypt"] - k0["decrypt"], delta(s0, s1, "hits"),
+              delta(s0, s1, "misses")))
     print("      pgbench tps = %s" % (tps.group(1) if tps else "?"))
     t.expect(inserted > 0 and len(rows) >= 2, "pgbench inserted %d values under %d data keys; expected new data "
                                               "keys during the run" % (inserted, len(rows)))
     t.expect(max([x[1] for x in rows] or [0]) <= 1000, "a data key encrypted %d values, more than dek_max_uses = 1000"
              % max([x[1] for x in rows] or [0]))
+    # Every key generated during the run encrypted at least one of its values, except the spares
+    # still waiting at its end (at most 3 of the last batch); some of the run's keys may be spares
+    # generated before it.  So at most ceil(keys / 4) generation requests, plus the race allowance.
+    gen_bound = generations_for(len(rows)) + GENERATION_RACE_ALLOWANCE
+    t.expect(generated <= gen_bound, "pgbench: %d KMS generation requests (encrypt + datakey) for %d data keys, more "
+                                     "than ceil(%d/4) + %d = %d"
+             % (generated, len(rows), len(rows), GENERATION_RACE_ALLOWANCE, gen_bound))
     bad = q1(c, "SELECT count(*) FILTER (WHERE dec_text(v) IS DISTINCT FROM 'pgbench payload 4111-1111-1111-1111') "
                 "FROM (SELECT v FROM %s WHERE id > %d ORDER BY id DESC LIMIT 2000) s" % (tab, n))
     t.expect(bad == 0, "%d of the last 2000 values inserted by pgbench do not decrypt" % bad)
