@@ -141,6 +141,7 @@ typedef struct AuditSlot
 	AuditAgg	agg[AUDIT_SLOT_AGGS];
 	int			nsum;
 	TimestampTz sum_since;		/* when the oldest pending count was added */
+	uint64		who_id;			/* which backend's session fields who holds */
 	AuditWho	who;
 	AuditAgg	sum[AUDIT_SLOT_SUMS];
 } AuditSlot;
@@ -347,17 +348,36 @@ audit_note_users(void)
 	}
 }
 
-/* The session fields of records about this backend. */
-static void
-current_who(AuditWho *w)
+/*
+ * The session fields of records about this backend, rebuilt only when they
+ * change (session user, application_name); *id identifies this version of
+ * them (pid and a counter), so a slot can tell it holds them.
+ */
+static const AuditWho *
+current_who(uint64 *id)
 {
-	memset(w, 0, sizeof(*w));
-	strlcpy(w->session_user, session_name, sizeof(w->session_user));
-	strlcpy(w->db, db_name ? db_name : "", sizeof(w->db));
-	strlcpy(w->app, application_name ? application_name : "", sizeof(w->app));
-	strlcpy(w->client, client_addr ? client_addr : (MyProcPort ? "[local]" : ""),
-			sizeof(w->client));
-	w->pid = MyProcPid;
+	static AuditWho who;
+	static uint64 who_id = 0;
+	static const char *who_app = NULL;
+	static Oid	who_session = InvalidOid;
+	static uint32 version = 0;
+
+	if (who_id == 0 || who_app != application_name || who_session != session_oid ||
+		who.pid != MyProcPid)
+	{
+		memset(&who, 0, sizeof(who));
+		strlcpy(who.session_user, session_name, sizeof(who.session_user));
+		strlcpy(who.db, db_name ? db_name : "", sizeof(who.db));
+		strlcpy(who.app, application_name ? application_name : "", sizeof(who.app));
+		strlcpy(who.client, client_addr ? client_addr : (MyProcPort ? "[local]" : ""),
+				sizeof(who.client));
+		who.pid = MyProcPid;
+		who_app = application_name;
+		who_session = session_oid;
+		who_id = ((uint64) (uint32) MyProcPid << 32) | ++version;
+	}
+	*id = who_id;
+	return &who;
 }
 
 /* add_common() for a summary record, from the fields kept in a slot. */
@@ -663,12 +683,14 @@ summary_write(AuditSlot *slot, bool force, TimestampTz now)
  */
 static void
 summary_merge(AuditSlot *slot, const AuditAgg *list, int n, int64 query_id,
-			  TimestampTz now, const AuditWho *who, AuditAgg *left, int *nleft)
+			  TimestampTz now, const AuditWho *who, uint64 who_id,
+			  AuditAgg *left, int *nleft)
 {
 	if (slot->nsum == 0)
 	{
 		slot->sum_since = now;
 		slot->who = *who;
+		slot->who_id = who_id;
 	}
 	for (int i = 0; i < n; i++)
 	{
@@ -718,7 +740,8 @@ static void
 summary_add(void)
 {
 	AuditSlot  *slot = audit_slot(false);
-	AuditWho	who;
+	const AuditWho *who;
+	uint64		who_id;
 	AuditAgg	left[AUDIT_MAX_AGGS];
 	AuditAgg	rest[AUDIT_MAX_AGGS];
 	int			nleft = 0;
@@ -732,15 +755,15 @@ summary_add(void)
 		audit_flush("ok");
 		return;
 	}
-	current_who(&who);
+	who = current_who(&who_id);
 	SpinLockAcquire(&slot->mutex);
-	other_session = slot->nsum > 0 && memcmp(&slot->who, &who, sizeof(who)) != 0;
+	other_session = slot->nsum > 0 && slot->who_id != who_id;
 	SpinLockRelease(&slot->mutex);
 	if (other_session)
 		summary_write(slot, true, GetCurrentStatementStartTimestamp());
 
 	SpinLockAcquire(&slot->mutex);
-	summary_merge(slot, aggs, naggs, query_id, now, &who, left, &nleft);
+	summary_merge(slot, aggs, naggs, query_id, now, who, who_id, left, &nleft);
 	SpinLockRelease(&slot->mutex);
 	naggs = 0;
 	last_agg = -1;
@@ -751,7 +774,7 @@ summary_add(void)
 		/* No room: write the pending summary and start a new one. */
 		summary_write(slot, true, GetCurrentStatementStartTimestamp());
 		SpinLockAcquire(&slot->mutex);
-		summary_merge(slot, left, nleft, query_id, now, &who, rest, &nrest);
+		summary_merge(slot, left, nleft, query_id, now, who, who_id, rest, &nrest);
 		SpinLockRelease(&slot->mutex);
 		/* More kinds of use in one statement than a summary holds: now. */
 		for (int i = 0; i < nrest; i++)

@@ -99,22 +99,25 @@ context_arg(FunctionCallInfo fcinfo, int argno, const uint8 **ctx, int *ctx_len)
 
 /*
  * The time to record as a value's created_at (microseconds since 1970):
- * the clock, read again at each statement's first value and every 64th.
+ * the clock, read again at each statement's first value, every 64th, and when
+ * the sweeper's clock says a second passed.
  */
 static int64
 seal_time(void)
 {
 	static uint64 statement = 0;
 	static int	uses = 0;
-	static int64 when = 0;
+	static TimestampTz when = 0;
 
-	if (statement != env_statement_id || ++uses >= 64 || when == 0)
+	/* also when a second passed by the sweeper's clock (long statements) */
+	if (statement != env_statement_id || ++uses >= 64 || when == 0 ||
+		keycache_coarse_clock() >= when + USECS_PER_SEC)
 	{
 		statement = env_statement_id;
 		uses = 0;
-		when = GetCurrentTimestamp() + UNIX_EPOCH_OFFSET_USECS;
+		when = GetCurrentTimestamp();
 	}
-	return when;
+	return when + UNIX_EPOCH_OFFSET_USECS;
 }
 
 /* Encrypt len bytes of plaintext into a new enc_bytea value. */
@@ -339,7 +342,14 @@ decrypt_value(FunctionCallInfo fcinfo)
 				  (Pointer) result == (Pointer) datum ? NULL : VARDATA_ANY(datum),
 				  VARSIZE_ANY_EXHDR(datum));
 	if (out != (uint8 *) VARDATA(result))
+	{
+		Size		old_size = VARSIZE(result);
+
+		/* slide the plaintext down, and wipe what it leaves behind */
 		memmove(VARDATA(result), out, v.ciphertext_len);
+		env_wipe((uint8 *) VARDATA(result) + v.ciphertext_len,
+				 old_size - VARHDRSZ - v.ciphertext_len);
+	}
 	SET_VARSIZE(result, VARHDRSZ + v.ciphertext_len);
 	return result;
 }

@@ -106,6 +106,7 @@ typedef struct KeyCacheShared
 	int			part_slots;
 	pg_atomic_uint64 clock;		/* LRU stamps */
 	pg_atomic_uint64 generation;	/* bumped by flush and retire (keylocal.c) */
+	pg_atomic_uint64 coarse_clock;	/* the sweeper's clock, about once a second */
 	ConditionVariable dek_ready;	/* broadcast when a new current key is in */
 	ConditionVariable unwrapped;	/* broadcast when a pending entry resolves */
 	CurrentDek	currents[MAX_CURRENT_DEKS];
@@ -175,6 +176,7 @@ keycache_shmem_init(void *region)
 	n = kc->nparts * kc->part_slots;
 	pg_atomic_init_u64(&kc->clock, 1);
 	pg_atomic_init_u64(&kc->generation, 1);
+	pg_atomic_init_u64(&kc->coarse_clock, 0);
 	ConditionVariableInit(&kc->dek_ready);
 	ConditionVariableInit(&kc->unwrapped);
 	for (int i = 0; i < MAX_CURRENT_DEKS; i++)
@@ -1003,6 +1005,13 @@ keycache_generation(void)
 	return pg_atomic_read_u64(&cache()->generation);
 }
 
+/* The sweeper's clock (0 until it ran): behind the real time by up to a second. */
+TimestampTz
+keycache_coarse_clock(void)
+{
+	return (TimestampTz) pg_atomic_read_u64(&cache()->coarse_clock);
+}
+
 /* Look up a remembered rewrap of wrapped to target's current version. */
 bool
 keycache_rewrap_lookup(const KekInfo *from, const KmsWrapped *wrapped,
@@ -1189,6 +1198,7 @@ keycache_sweep(void)
 	TimestampTz now = GetCurrentTimestamp();
 	int64		expired = 0;
 
+	pg_atomic_write_u64(&kc->coarse_clock, (uint64) now);
 	sweep_currents(kc, now);
 
 	for (int part = 0; part < kc->nparts; part++)

@@ -58,6 +58,9 @@ extern bool keycache_unwrap_ex(const KekInfo *kek, const KmsWrapped *wrapped,
 /* Changes whenever keys are flushed or retired on purpose (not on expiry). */
 extern uint64 keycache_generation(void);
 
+/* The sweeper's clock, updated about once a second (0 before it ran). */
+extern TimestampTz keycache_coarse_clock(void);
+
 /* Put an unwrapped, verified data key into the cache (resolves a claim). */
 extern void keycache_put(const KekInfo *kek, const KmsWrapped *wrapped, const uint8 *dek);
 

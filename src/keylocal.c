@@ -34,11 +34,16 @@
  *	  key schedules crypto.c derives from them are overwritten at the end of
  *	  every transaction, so between transactions the keys exist only in
  *	  these pages;
+ *	- within a statement, every use also compares the shared generation and
+ *	  the sweeper's coarse clock (about a second behind) with the earliest
+ *	  expiry of the copies: a flush or an expiry takes effect within about a
+ *	  second even inside a long statement, DO block or procedure;
  *	- a backend that goes idle does not keep copies past their expiry: at
  *	  the end of each transaction a timer is set for the earliest expiry,
- *	  and its handler (signal context: it only overwrites bytes in these
- *	  pages and clears flags) wipes the expired copies if no transaction is
- *	  running; inside a transaction it leaves that to the next check.
+ *	  then every second, and its handler (signal context: it only
+ *	  overwrites bytes in these pages and clears flags) wipes the expired
+ *	  copies if no transaction is using keys; inside one it leaves that to
+ *	  the checks above.
  *
  * Locking: none; everything here is backend-local.  The timer handler
  * touches only the secret bytes and the valid flags of copies.
@@ -115,6 +120,7 @@ static uint64 lk_clock = 0;
 static volatile sig_atomic_t lk_in_xact = false;	/* a transaction used keys */
 static TimeoutId lk_timeout = MAX_TIMEOUTS;
 static TimestampTz lk_timer_at = 0;
+static TimestampTz lk_deadline = 0;	/* earliest expiry of a copy; 0: none */
 
 static void keylocal_exit(int code, Datum arg);
 static void keylocal_xact_cb(XactEvent event, void *arg);
@@ -208,11 +214,17 @@ arm_timer(void)
 			(earliest == 0 || current_expiry(&lk->currents[i]) < earliest))
 			earliest = current_expiry(&lk->currents[i]);
 	if (earliest == 0)
+	{
+		if (get_timeout_active(lk_timeout))
+			disable_timeout(lk_timeout, false);
+		lk_timer_at = 0;
 		return;
+	}
 	if (earliest == lk_timer_at && get_timeout_active(lk_timeout))
 		return;
 	lk_timer_at = earliest;
-	enable_timeout_at(lk_timeout, earliest);
+	/* then every second: copies that expire later are wiped as they expire */
+	enable_timeout_every(lk_timeout, earliest, 1000);
 }
 
 /* Transaction end: keys are idle from now on until the next one uses them. */
@@ -224,12 +236,16 @@ keylocal_xact_cb(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PREPARE:
+			if (lk == NULL)
+				break;
 			if (lk_in_xact)
 			{
-				lk_in_xact = false;
 				env_dek_state_clear(&lk->scratch);
-				arm_timer();
+				pg_compiler_barrier();
+				lk_in_xact = false;
 			}
+			/* (error recovery disables every timeout: set it again) */
+			arm_timer();
 			break;
 		default:
 			break;
@@ -330,6 +346,14 @@ local_check(bool new_statement)
 				(!lk->currents[i].state.valid || current_expiry(&lk->currents[i]) <= now))
 				current_clear(&lk->currents[i]);
 	}
+	lk_deadline = 0;
+	for (int i = 0; i < LOCAL_SLOTS; i++)
+		if (lk->deks[i].used && (lk_deadline == 0 || lk->deks[i].expires_at < lk_deadline))
+			lk_deadline = lk->deks[i].expires_at;
+	for (int i = 0; i < LOCAL_CURRENTS; i++)
+		if (lk->currents[i].used &&
+			(lk_deadline == 0 || current_expiry(&lk->currents[i]) < lk_deadline))
+			lk_deadline = current_expiry(&lk->currents[i]);
 	lk_checked_statement = env_statement_id;
 	lk_checked = true;
 	uses_since_check = 0;
@@ -340,11 +364,22 @@ static inline void
 local_maybe_check(void)
 {
 	local_setup();
-	lk_in_xact = true;
-	if (!lk_checked || lk_checked_statement != env_statement_id)
-		local_check(true);
-	else if (++uses_since_check >= KEYLOCAL_RECHECK)
+	if (!lk_in_xact)
+	{
+		/* A transaction's first use: by the clock (the timer keeps off now). */
+		lk_in_xact = true;
+		pg_compiler_barrier();
 		local_check(false);
+	}
+	else if (!lk_checked || lk_checked_statement != env_statement_id)
+		local_check(true);
+	else if (++uses_since_check >= KEYLOCAL_RECHECK ||
+			 keycache_generation() != lk_generation ||
+			 (lk_deadline != 0 && keycache_coarse_clock() >= lk_deadline))
+	{
+		/* within a long statement: a flush, or a copy at its expiry */
+		local_check(false);
+	}
 }
 
 /* The local copy of a wrapped key, or NULL. */
@@ -387,6 +422,8 @@ local_install(const KekInfo *kek, const KmsWrapped *wrapped, const uint8 *dek,
 	d->last_use = ++lk_clock;
 	env_dek_state_init(&d->state, dek);
 	d->used = true;
+	if (lk_deadline == 0 || expires_at < lk_deadline)
+		lk_deadline = expires_at;
 	return d;
 }
 
@@ -486,6 +523,8 @@ current_refill(LocalCurrent *c, const KekInfo *kek)
 		env_dek_state_init(&c->state, dek);
 		c->left = granted;
 		c->used = true;
+		if (lk_deadline == 0 || current_expiry(c) < lk_deadline)
+			lk_deadline = current_expiry(c);
 	}
 	PG_FINALLY();
 	{
@@ -525,6 +564,7 @@ keycache_get_uncached(const KekInfo *kek, const KmsWrapped *wrapped)
 	uint8		dek[ENV_KEY_LEN];
 
 	local_setup();
+	lk_in_xact = true;			/* the scratch key is wiped at transaction end */
 	PG_TRY();
 	{
 		kms_unwrap(kek->provider, kek->key_ref, wrapped, dek);

@@ -33,8 +33,9 @@ Cases (keys of test/bench/results.json):
       uncompressed: sum(get_byte(dec_bytea(v), 4095)) vs sum(get_byte(v, 4095))
       (get_byte detoasts the whole value), so the difference is decryption.
   point_select_tps_vs_plain  pgbench -M prepared -c 4 -j 4, BENCH_SECONDS per
-      run, a primary-key SELECT of dec_bytea(v) vs of the plain column, the
-      two alternating.
+      run, a primary-key SELECT of dec_bytea(v) vs of the plain column of the
+      same rows (one table bench_pk with both columns, so both read the same
+      pages), the two alternating.
   parallel_dec_speedup  the full dec scan's time with
       max_parallel_workers_per_gather = 0 over its time with 2 workers
       (EXPLAIN ANALYZE checks that 2 workers were launched).
@@ -403,9 +404,16 @@ def main():
     res["dec4k_values"] = ("4096 incompressible random bytes (pgcrypto gen_random_bytes), "
                            "plain column STORAGE EXTERNAL (out of line, uncompressed, as enc_bytea)")
 
-    # 6. pgbench point selects, plain and envelope alternating.
-    plain_sql = f"\\set id random(1, {ROWS})\nSELECT v FROM bench_plain WHERE id = :id;\n"
-    enc_sql = f"\\set id random(1, {ROWS})\nSELECT dec_bytea(v) FROM bench_enc WHERE id = :id;\n"
+    # 6. pgbench point selects, plain and envelope alternating, on one table
+    #    holding both columns of each row.
+    progress("point select table")
+    cur.execute("DROP TABLE IF EXISTS bench_pk")
+    cur.execute("CREATE TABLE bench_pk AS SELECT p.id, p.v AS plain, e.v AS v "
+                "FROM bench_plain p JOIN bench_enc e USING (id)")
+    cur.execute("ALTER TABLE bench_pk ADD PRIMARY KEY (id)")
+    cur.execute("VACUUM ANALYZE bench_pk")
+    plain_sql = f"\\set id random(1, {ROWS})\nSELECT plain FROM bench_pk WHERE id = :id;\n"
+    enc_sql = f"\\set id random(1, {ROWS})\nSELECT dec_bytea(v) FROM bench_pk WHERE id = :id;\n"
     warm = min(SECONDS, 5)
     progress(f"pgbench point selects: warm-up ({warm} s each)")
     pgbench_tps(plain_sql, warm)
