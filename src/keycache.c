@@ -1012,6 +1012,20 @@ keycache_coarse_clock(void)
 	return (TimestampTz) pg_atomic_read_u64(&cache()->coarse_clock);
 }
 
+/*
+ * Where the flush generation and the sweeper's clock live, for callers that
+ * read them on every use (keylocal.c): two words written about once a
+ * second at most, so reading them is a plain load of a shared cache line.
+ */
+void
+keycache_watch(pg_atomic_uint64 **generation, pg_atomic_uint64 **coarse_clock)
+{
+	KeyCacheShared *kc = cache();
+
+	*generation = &kc->generation;
+	*coarse_clock = &kc->coarse_clock;
+}
+
 /* Look up a remembered rewrap of wrapped to target's current version. */
 bool
 keycache_rewrap_lookup(const KekInfo *from, const KmsWrapped *wrapped,

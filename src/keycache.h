@@ -10,6 +10,7 @@
 #define ENVELOPE_KEYCACHE_H
 
 #include "datatype/timestamp.h"
+#include "port/atomics.h"
 
 #include "crypto.h"
 #include "kek.h"
@@ -60,6 +61,9 @@ extern uint64 keycache_generation(void);
 
 /* The sweeper's clock, updated about once a second (0 before it ran). */
 extern TimestampTz keycache_coarse_clock(void);
+
+/* Pointers to the generation and the sweeper's clock, for per-use checks. */
+extern void keycache_watch(pg_atomic_uint64 **generation, pg_atomic_uint64 **coarse_clock);
 
 /* Put an unwrapped, verified data key into the cache (resolves a claim). */
 extern void keycache_put(const KekInfo *kek, const KmsWrapped *wrapped, const uint8 *dek);

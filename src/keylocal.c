@@ -121,6 +121,8 @@ static volatile sig_atomic_t lk_in_xact = false;	/* a transaction used keys */
 static TimeoutId lk_timeout = MAX_TIMEOUTS;
 static TimestampTz lk_timer_at = 0;
 static TimestampTz lk_deadline = 0;	/* earliest expiry of a copy; 0: none */
+static pg_atomic_uint64 *shared_generation = NULL;	/* keycache_watch() */
+static pg_atomic_uint64 *shared_clock = NULL;
 
 static void keylocal_exit(int code, Datum arg);
 static void keylocal_xact_cb(XactEvent event, void *arg);
@@ -147,6 +149,7 @@ local_setup(void)
 #endif
 	(void) mlock(p, size);
 	lk = (LocalKeys *) p;
+	keycache_watch(&shared_generation, &shared_clock);
 	before_shmem_exit(keylocal_exit, (Datum) 0);
 	RegisterXactCallback(keylocal_xact_cb, NULL);
 	lk_timeout = RegisterTimeout(USER_TIMEOUT, keylocal_timer);
@@ -374,28 +377,41 @@ local_maybe_check(void)
 	else if (!lk_checked || lk_checked_statement != env_statement_id)
 		local_check(true);
 	else if (++uses_since_check >= KEYLOCAL_RECHECK ||
-			 keycache_generation() != lk_generation ||
-			 (lk_deadline != 0 && keycache_coarse_clock() >= lk_deadline))
+			 pg_atomic_read_u64(shared_generation) != lk_generation ||
+			 (lk_deadline != 0 &&
+			  (TimestampTz) pg_atomic_read_u64(shared_clock) >= lk_deadline))
 	{
 		/* within a long statement: a flush, or a copy at its expiry */
 		local_check(false);
 	}
 }
 
-/* The local copy of a wrapped key, or NULL. */
+/* Is d the local copy of this wrapped key? */
+static inline bool
+local_matches(const LocalDek *d, const KekInfo *kek, const KmsWrapped *wrapped)
+{
+	return d->used && d->state.valid && d->version == wrapped->version &&
+		d->wrapped_len == wrapped->len &&
+		memcmp(d->wrapped, wrapped->data, wrapped->len) == 0 &&
+		strcmp(d->key_ref, kek->key_ref) == 0 &&
+		strcmp(d->provider, kek->provider_name) == 0;
+}
+
+/* The local copy of a wrapped key, or NULL (the last one found first). */
 static LocalDek *
 local_find(const KekInfo *kek, const KmsWrapped *wrapped)
 {
+	static int	last = 0;
+
+	if (local_matches(&lk->deks[last], kek, wrapped))
+		return &lk->deks[last];
 	for (int i = 0; i < LOCAL_SLOTS; i++)
 	{
-		LocalDek   *d = &lk->deks[i];
-
-		if (d->used && d->state.valid && d->version == wrapped->version &&
-			d->wrapped_len == wrapped->len &&
-			memcmp(d->wrapped, wrapped->data, wrapped->len) == 0 &&
-			strcmp(d->key_ref, kek->key_ref) == 0 &&
-			strcmp(d->provider, kek->provider_name) == 0)
-			return d;
+		if (local_matches(&lk->deks[i], kek, wrapped))
+		{
+			last = i;
+			return &lk->deks[i];
+		}
 	}
 	return NULL;
 }
