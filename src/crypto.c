@@ -29,6 +29,7 @@
 
 #include <string.h>
 
+#include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -464,6 +465,7 @@ env_open(const uint8 *value_key, const uint8 *nonce,
 {
 	uint8		aad[ENV_HEADER_LEN + 4];
 	uint8		tagcopy[ENV_TAG_LEN];
+	OSSL_PARAM	params[2];
 	int			outl = 0;
 	int			finl = 0;
 	int			aadl;
@@ -471,12 +473,15 @@ env_open(const uint8 *value_key, const uint8 *nonce,
 	crypto_init();
 	aad_prefix(aad, header, context_len);
 	memcpy(tagcopy, tag, ENV_TAG_LEN);
-	if (EVP_DecryptInit_ex2(open_ctx, NULL, value_key, nonce, NULL) != 1 ||
+	/* the expected tag goes in with key and nonce: one parameter pass, not two */
+	params[0] = OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG,
+												  tagcopy, ENV_TAG_LEN);
+	params[1] = OSSL_PARAM_construct_end();
+	if (EVP_DecryptInit_ex2(open_ctx, NULL, value_key, nonce, params) != 1 ||
 		EVP_DecryptUpdate(open_ctx, NULL, &aadl, aad, sizeof(aad)) != 1 ||
 		(context_len > 0 &&
 		 EVP_DecryptUpdate(open_ctx, NULL, &aadl, context, context_len) != 1) ||
-		(len > 0 && EVP_DecryptUpdate(open_ctx, plaintext, &outl, ciphertext, len) != 1) ||
-		EVP_CIPHER_CTX_ctrl(open_ctx, EVP_CTRL_GCM_SET_TAG, ENV_TAG_LEN, tagcopy) != 1)
+		(len > 0 && EVP_DecryptUpdate(open_ctx, plaintext, &outl, ciphertext, len) != 1))
 	{
 		env_wipe(plaintext, len);
 		crypto_error("set up AES-256-GCM decryption");
