@@ -23,10 +23,13 @@ What is checked (one line per test: PASS/FAIL, name, seconds):
   rotate_kek_all_backends    rotate_kek() retires the current data key everywhere
   ttl_expiry_and_sweeper     cache_ttl (reloaded), expiry without traffic
   flush_reaches_open_session cache_flush() in one session drops another open session's local copy
+  flush_reaches_running_statement  ... also inside a statement still running (a DO block), within
+                             about a second
   ttl_reaches_open_session   cache_ttl = 1 s bounds local copies of an open session (idle, and
                              inside one transaction)
   idle_backend_wipes_keys    an idle backend's memory (/proc/PID/mem, private and shared) no longer
-                             holds an expired data key's bytes (nor its AES schedule's first round key)
+                             holds an expired data key's bytes (nor its AES schedule's first round key),
+                             also after an error in between (error recovery cancels timeouts)
   dek_max_uses_server_wide   dek_max_uses = 50 across 3 x 120 one-row INSERTs and one 200-row INSERT
                              ... SELECT, concurrently; data keys <= ceil(560/50) + 2 x 4, KMS
                              generation requests <= ceil(keys/4) + 1
@@ -1014,6 +1017,48 @@ def flush_reaches_open_session(t):
 
 
 @test
+def flush_reaches_running_statement(t):
+    """A cache_flush() reaches a statement that is still running (a DO block decrypting in a
+    loop) within about a second: the local copy is checked against the flush generation on
+    every use, not only at statement starts."""
+    setup = t.session()
+    kek = new_kek(setup)
+    tab = new_table(setup, "lrun")
+    run(setup, "INSERT INTO %s (p, v) VALUES ('lrun', enc('lrun', %%s))" % tab, (kek,))
+    a, b = t.session(), t.session()
+    t.require(q1(a, "SELECT dec_text(v) FROM %s" % tab) == "lrun", "wrong plaintext")
+    t.require(q1(a, "SELECT dec_text(v) FROM %s" % tab) == "lrun", "wrong plaintext")  # local copy
+    # 300 decrypts over about 3 s in one statement: far fewer than the 4,096 uses after which a
+    # statement re-checks its copies anyway.
+    block = ("DO $$ DECLARE x text; BEGIN FOR i IN 1..300 LOOP "
+             "SELECT dec_text(v) INTO x FROM %s; IF x <> 'lrun' THEN RAISE 'wrong plaintext'; END IF; "
+             "PERFORM pg_sleep(0.01); END LOOP; END $$" % tab)
+    errors = []
+
+    def loop():
+        """Session A's long statement."""
+        try:
+            run(a, block)
+        except Exception as e:          # reported below
+            errors.append(e)
+
+    k0 = kms_decrypts()
+    th = threading.Thread(target=loop, daemon=True)
+    th.start()
+    time.sleep(1.0)
+    t.require(th.is_alive(), "the DO block ended before the flush: cannot test")
+    flushed = q1(b, "SELECT envelope.cache_flush(%s)", (kek,))
+    th.join(30)
+    t.require(not th.is_alive() and not errors, "the DO block failed or hung: %s" % errors)
+    unwraps = kms_decrypts() - k0
+    t.note("cache_flush() removed %d entries while the DO block ran; the block made %d KMS unwraps"
+           % (flushed, unwraps))
+    t.expect(unwraps == 1, "the DO block made %d KMS unwraps across a cache_flush() in another session, "
+                           "expected exactly 1 (its local copy dropped within the statement, then kept)"
+             % unwraps)
+
+
+@test
 def ttl_reaches_open_session(t):
     """cache_ttl bounds local copies of a session that stays open: idle between transactions
     (timer and statement check) and inside one open transaction (statement check only)."""
@@ -1119,6 +1164,14 @@ def idle_backend_wipes_keys(t):
     private = [h for h in found if not region_is_shared(h[0])]
     t.expect(len(private) <= 1, "between transactions backend %d holds the data key %d times in private memory, "
                                 "expected once (the local copy): %s" % (pid, len(private), describe_hits(private)))
+
+    # An error in a transaction that uses no keys: PostgreSQL's error recovery cancels every
+    # timeout, and the idle wipe must be set again.
+    try:
+        q1(a, "SELECT 1/0")
+        t.expect(False, "SELECT 1/0 did not fail")
+    except psycopg2.Error:
+        pass
 
     # A stays connected, idle and outside a transaction.  Past the TTL the timer must have wiped the
     # local copy, and within about a second more the sweeper the shared entry.
@@ -1256,37 +1309,38 @@ def reservation_no_waste_single_rows(t):
     per_key = ("SELECT count(*) FROM " + tab + " WHERE part = %s "
                "GROUP BY envelope.metadata(v)->>'wrapped_dek_b64' ORDER BY min(id)")
 
-    # One session, 30 statements: 3 data keys, all from one generation request (4 keys wrapped in
-    # one Transit encrypt call, verified by one decrypt call; the 4th key stays a spare).
-    kek = new_kek(setup)
-    g0, v0 = kms_generations(), kms_decrypts()
-    for _ in range(30):
-        run(a, one, ("one", "A", kek))
-    generated, verified = kms_generations() - g0, kms_decrypts() - v0
-    counts = [r[0] for r in qall(setup, per_key, ("one",))]
-    t.expect(counts == [10, 10, 10], "one session, 30 one-row INSERTs, dek_max_uses = 10: values per data key %s, "
-                                     "expected [10, 10, 10]" % counts)
-    t.expect(generated == 1, "one session, 30 one-row INSERTs, dek_max_uses = 10 (3 data keys): %d KMS generation "
-                             "requests (encrypt + datakey), expected 1 (4 keys per request)" % generated)
-    t.expect(verified == 1, "one session, 30 one-row INSERTs, dek_max_uses = 10: %d KMS decrypt requests, expected 1 "
-                            "(the verification of the one batch)" % verified)
+    def check(part, label, statements):
+        """Run statements() under a fresh KEK: 3 keys of 10 values, 1 generation, 1 verification."""
+        kek = new_kek(setup)
+        g0, v0 = kms_generations(), kms_decrypts()
+        statements(kek)
+        generated, verified = kms_generations() - g0, kms_decrypts() - v0
+        counts = [r[0] for r in qall(setup, per_key, (part,))]
+        t.expect(counts == [10, 10, 10], "%s, dek_max_uses = 10: values per data key %s, expected [10, 10, 10]"
+                 % (label, counts))
+        t.expect(generated == 1, "%s, dek_max_uses = 10 (3 data keys): %d KMS generation requests "
+                                 "(encrypt + datakey), expected 1 (4 keys per request)" % (label, generated))
+        t.expect(verified == 1, "%s, dek_max_uses = 10: %d KMS decrypt requests, expected 1 "
+                                "(the verification of the one batch)" % (label, verified))
 
-    # Two sessions taking turns, 15 statements each: a reservation of more than one use per
-    # statement would leave the other session short and cost a fourth key (which a spare would
-    # provide without a KMS call: the values per key show it).
-    kek = new_kek(setup)
-    g0, v0 = kms_generations(), kms_decrypts()
-    for _ in range(15):
-        run(a, one, ("two", "A", kek))
-        run(b, one, ("two", "B", kek))
-    generated, verified = kms_generations() - g0, kms_decrypts() - v0
-    counts = [r[0] for r in qall(setup, per_key, ("two",))]
-    t.expect(counts == [10, 10, 10], "two sessions alternating 15 one-row INSERTs each, dek_max_uses = 10: values "
-                                     "per data key %s, expected [10, 10, 10]" % counts)
-    t.expect(generated == 1, "two sessions alternating 15 one-row INSERTs each, dek_max_uses = 10 (3 data keys): %d "
-                             "KMS generation requests (encrypt + datakey), expected 1" % generated)
-    t.expect(verified == 1, "two sessions alternating 15 one-row INSERTs each: %d KMS decrypt requests, expected 1 "
-                            "(the verification of the one batch)" % verified)
+    def one_session(kek):
+        """30 one-row statements in one session."""
+        for _ in range(30):
+            run(a, one, ("one", "A", kek))
+
+    def two_sessions(kek):
+        """Two sessions taking turns, 15 one-row statements each."""
+        for _ in range(15):
+            run(a, one, ("two", "A", kek))
+            run(b, one, ("two", "B", kek))
+
+    # One session: 3 data keys, all from one generation request (4 keys wrapped in one Transit
+    # encrypt call, verified by one decrypt call; the 4th key stays a spare).
+    check("one", "one session, 30 one-row INSERTs", one_session)
+    # Two sessions taking turns: a reservation of more than one use per statement would leave
+    # the other session short and cost a fourth key (a spare would provide it without a KMS
+    # call, so the values per key show it).
+    check("two", "two sessions alternating 15 one-row INSERTs each", two_sessions)
     restore_settings(["envelope.dek_max_uses"])
 
 
