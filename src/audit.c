@@ -749,6 +749,7 @@ summary_add(void)
 	int64		query_id = (int64) pgstat_get_my_query_id();
 	TimestampTz now = GetCurrentStatementStartTimestamp();
 	bool		other_session;
+	bool		due;
 
 	if (slot == NULL)
 	{
@@ -758,12 +759,14 @@ summary_add(void)
 	who = current_who(&who_id);
 	SpinLockAcquire(&slot->mutex);
 	other_session = slot->nsum > 0 && slot->who_id != who_id;
-	SpinLockRelease(&slot->mutex);
 	if (other_session)
-		summary_write(slot, true, GetCurrentStatementStartTimestamp());
-
-	SpinLockAcquire(&slot->mutex);
+	{
+		SpinLockRelease(&slot->mutex);
+		summary_write(slot, true, now);
+		SpinLockAcquire(&slot->mutex);
+	}
 	summary_merge(slot, aggs, naggs, query_id, now, who, who_id, left, &nleft);
+	due = now - slot->sum_since >= (TimestampTz) envelope_audit_summary_interval * 1000;
 	SpinLockRelease(&slot->mutex);
 	naggs = 0;
 	last_agg = -1;
@@ -780,7 +783,8 @@ summary_add(void)
 		for (int i = 0; i < nrest; i++)
 			emit_agg(&rest[i], "ok");
 	}
-	summary_write(slot, false, GetCurrentStatementStartTimestamp());
+	else if (due)
+		summary_write(slot, false, now);
 }
 
 /* The sweeper: write pending summaries of idle sessions that are due. */

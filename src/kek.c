@@ -249,6 +249,40 @@ kek_for_value(const EnvKekRef *ref, KekInfo *out)
 						   out->provider_name, out->key_ref)));
 }
 
+/* A remembered registry entry: valid while the registry is not reloaded. */
+typedef struct RegistryMemo
+{
+	int			index;
+	uint64		generation;
+} RegistryMemo;
+
+/* The remembered entry, or NULL if there is none or the registry was reloaded. */
+static const KekInfo *
+memo_entry(const RegistryMemo *m)
+{
+	if (registry_valid && m->index >= 0 && m->index < registry_count &&
+		m->generation == registry_generation)
+		return &registry[m->index];
+	return NULL;
+}
+
+/* The entry named name (just looked up, so present), remembered in m. */
+static const KekInfo *
+memo_find(RegistryMemo *m, const char *name)
+{
+	for (int i = 0; i < registry_count; i++)
+	{
+		if (strcmp(registry[i].name, name) == 0)
+		{
+			m->index = i;
+			m->generation = registry_generation;
+			return &registry[i];
+		}
+	}
+	elog(ERROR, "KEK \"%s\" vanished from the registry", name);
+	return NULL;				/* keep the compiler quiet */
+}
+
 /*
  * The registry entry of the KEK a value names, checked against the value
  * (kek_for_value's checks): a pointer that stays valid until the next
@@ -258,29 +292,16 @@ kek_for_value(const EnvKekRef *ref, KekInfo *out)
 const KekInfo *
 kek_of_value(const EnvKekRef *ref)
 {
-	static int	last = -1;
-	static uint64 last_generation = 0;
+	static RegistryMemo memo = {-1, 0};
+	const KekInfo *e = memo_entry(&memo);
 	KekInfo		found;
 
-	if (registry_valid && last >= 0 && last < registry_count &&
-		last_generation == registry_generation &&
-		strncmp(registry[last].name, ref->kek_name, ref->kek_name_len) == 0 &&
-		registry[last].name[ref->kek_name_len] == '\0' &&
-		kek_matches(&registry[last], ref))
-		return &registry[last];
-
+	if (e != NULL &&
+		strncmp(e->name, ref->kek_name, ref->kek_name_len) == 0 &&
+		e->name[ref->kek_name_len] == '\0' && kek_matches(e, ref))
+		return e;
 	kek_for_value(ref, &found);
-	for (int i = 0; i < registry_count; i++)
-	{
-		if (strcmp(registry[i].name, found.name) == 0)
-		{
-			last = i;
-			last_generation = registry_generation;
-			return &registry[i];
-		}
-	}
-	elog(ERROR, "KEK \"%s\" vanished from the registry", found.name);
-	return NULL;				/* keep the compiler quiet */
+	return memo_find(&memo, found.name);
 }
 
 /*
@@ -290,27 +311,14 @@ kek_of_value(const EnvKekRef *ref)
 const KekInfo *
 kek_find(const char *name)
 {
-	static int	last = -1;
-	static uint64 last_generation = 0;
+	static RegistryMemo memo = {-1, 0};
+	const KekInfo *e = memo_entry(&memo);
 	KekInfo		found;
 
-	if (registry_valid && last >= 0 && last < registry_count &&
-		last_generation == registry_generation &&
-		strcmp(registry[last].name, name) == 0)
-		return &registry[last];
-
+	if (e != NULL && strcmp(e->name, name) == 0)
+		return e;
 	kek_lookup(name, &found, false);
-	for (int i = 0; i < registry_count; i++)
-	{
-		if (strcmp(registry[i].name, name) == 0)
-		{
-			last = i;
-			last_generation = registry_generation;
-			return &registry[i];
-		}
-	}
-	elog(ERROR, "KEK \"%s\" vanished from the registry", name);
-	return NULL;				/* keep the compiler quiet */
+	return memo_find(&memo, name);
 }
 
 /* True if s is a valid KEK name: 1-63 letters, digits, "_", "-", ".". */

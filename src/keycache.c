@@ -998,13 +998,6 @@ keycache_retire_current(const char *kek_name)
 	ConditionVariableBroadcast(&kc->dek_ready);
 }
 
-/* The flush generation: changes whenever keys are wiped or retired on purpose. */
-uint64
-keycache_generation(void)
-{
-	return pg_atomic_read_u64(&cache()->generation);
-}
-
 /* The sweeper's clock (0 until it ran): behind the real time by up to a second. */
 TimestampTz
 keycache_coarse_clock(void)

@@ -56,13 +56,14 @@ extern bool keycache_unwrap(const KekInfo *kek, const KmsWrapped *wrapped, uint8
 extern bool keycache_unwrap_ex(const KekInfo *kek, const KmsWrapped *wrapped,
 							   uint8 *dek, TimestampTz *hit_expires);
 
-/* Changes whenever keys are flushed or retired on purpose (not on expiry). */
-extern uint64 keycache_generation(void);
-
 /* The sweeper's clock, updated about once a second (0 before it ran). */
 extern TimestampTz keycache_coarse_clock(void);
 
-/* Pointers to the generation and the sweeper's clock, for per-use checks. */
+/*
+ * Pointers to the flush generation (changes whenever keys are flushed or
+ * retired on purpose, not on expiry) and the sweeper's clock, for per-use
+ * checks.
+ */
 extern void keycache_watch(pg_atomic_uint64 **generation, pg_atomic_uint64 **coarse_clock);
 
 /* Put an unwrapped, verified data key into the cache (resolves a claim). */

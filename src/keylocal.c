@@ -327,7 +327,7 @@ keylocal_exit(int code, Datum arg)
 static void
 local_check(bool new_statement)
 {
-	uint64		generation = keycache_generation();
+	uint64		generation = pg_atomic_read_u64(shared_generation);
 
 	/* A statement's first check goes by its start time (no clock read). */
 	TimestampTz now = new_statement ? GetCurrentStatementStartTimestamp() :

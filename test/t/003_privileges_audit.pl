@@ -49,7 +49,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 
 use EnvelopeTAP qw(envelope_root start_kms kms_create_key envelope_conf stop_kms
-  audit_log_records audit_record_keys);
+  audit_log_records audit_record_keys app_name);
 
 my $t_start = time;
 my $nbig = 200_000;
@@ -107,10 +107,6 @@ my $su = $node->safe_psql('postgres', 'SELECT current_user');
 # Helpers
 # ---------------------------------------------------------------------------
 
-# A fresh application_name per step, so that a step's records can be told
-# apart from everything else in the log.
-my $step_no = 0;
-sub app_name { return sprintf('s%02d_%s', ++$step_no, $_[0]); }
 
 # Runs SQL as $user with application_name $app (a new session); returns
 # (exit code, stdout, stderr), errors with their SQLSTATE.  Statements are

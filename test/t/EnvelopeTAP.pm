@@ -23,7 +23,7 @@ use Test::More;
 
 our @EXPORT_OK =
   qw(envelope_root start_kms kms_create_key envelope_conf psql_verbose stop_kms
-  audit_log_records audit_record_keys);
+  audit_log_records audit_record_keys app_name);
 
 # Every KMS start_kms started, for the END block below.
 my @started;
@@ -195,5 +195,10 @@ sub audit_record_keys
 	my ($raw) = @_;
 	return ($raw =~ /(?:^\{|, )"([a-z_]+)": /g);
 }
+
+# A fresh application_name per test step ("s01_name", "s02_..."), so that a
+# step's audit records and log lines can be told apart from the others.
+my $step_no = 0;
+sub app_name { return sprintf('s%02d_%s', ++$step_no, $_[0]); }
 
 1;
