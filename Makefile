@@ -10,7 +10,7 @@ EXTENSION    = envelope
 EXTVERSION   = $(shell sed -n "s/^default_version[[:space:]]*=[[:space:]]*'\([^']*\)'.*/\1/p" $(EXTENSION).control)
 
 MODULE_big   = envelope
-OBJS         = src/envelope.o src/format.o src/crypto.o src/keycache.o src/keylocal.o \
+OBJS         = src/envelope.o src/format.o src/aesgcm.o src/crypto.o src/keycache.o src/keylocal.o \
                src/shmem.o src/sweeper.o src/authz.o src/audit.o \
                src/kek.o src/kms.o src/kms_vault.o src/http.o src/jsonx.o \
                src/funcs.o src/redact.o
@@ -24,6 +24,10 @@ REGRESS_OPTS = --inputdir=$(srcdir) --load-extension=$(EXTENSION)
 PG_CONFIG   ?= pg_config
 PGXS        := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# PGXS does not track header dependencies: every object depends on every
+# header (a changed struct must never leave an object with the old layout).
+$(OBJS): $(wildcard src/*.h)
 
 .PHONY: test demo bench regress-keys
 

@@ -9,15 +9,25 @@
 #define ENVELOPE_CRYPTO_H
 
 #include "envelope.h"
+#include "aesgcm.h"
 #include "format.h"
+
+/* envelope.crypto_backend */
+typedef enum EnvCryptoBackend
+{
+	ENV_CRYPTO_AUTO,			/* src/aesgcm.c when usable, else OpenSSL */
+	ENV_CRYPTO_OPENSSL
+} EnvCryptoBackend;
+
+extern int	envelope_crypto_backend;
 
 /*
  * A data key and what is computed from it once, not per value: the key
- * commitment of algorithm 2 and an AES-256 context for deriving per-value
- * keys.  The context is keyed on first use in a transaction and re-keyed
- * with zeros when the transaction ends, so between transactions the data
- * key exists only in dek (which its holder keeps in protected memory and
- * can wipe at any time).  Holders wipe it with env_dek_state_clear().
+ * commitment of algorithm 2 and what derives per-value keys: with
+ * src/aesgcm.c the AES-256 round keys (schedule, kept next to dek, so in
+ * the holder's protected memory and wiped with it); with OpenSSL an EVP
+ * context keyed on first use in a transaction and re-keyed with zeros when
+ * the transaction ends.  Holders wipe it with env_dek_state_clear().
  */
 typedef struct EnvDekState
 {
@@ -25,6 +35,8 @@ typedef struct EnvDekState
 	bool		kdf_keyed;		/* kdf holds dek's key schedule */
 	uint8		dek[ENV_KEY_LEN];
 	uint8		commit[ENV_COMMIT_LEN];	/* algorithm 2's key commitment */
+	bool		schedule_valid;
+	uint8		schedule[ENV_AES_SCHEDULE_LEN];	/* src/aesgcm.c round keys */
 	void	   *kdf;			/* EVP_CIPHER_CTX: AES-256-ECB */
 } EnvDekState;
 
@@ -40,6 +52,9 @@ extern void env_fresh_bytes(uint8 *buf, int len);
 
 /* Set up state for a data key (copies it); raises an error on failure. */
 extern void env_dek_state_init(EnvDekState *state, const uint8 *dek);
+
+/* Wipe a state's key bytes without calling OpenSSL (signal-safe). */
+extern void env_dek_state_wipe_bytes(EnvDekState *state);
 
 /* Wipe a state's key material (the context stays allocated for reuse). */
 extern void env_dek_state_clear(EnvDekState *state);
@@ -62,13 +77,20 @@ extern void env_seal(const uint8 *value_key, const uint8 *nonce,
 					 uint8 *ciphertext, uint8 *tag);
 
 /*
- * Decrypt and authenticate; returns false (and wipes plaintext) when the tag
- * does not verify.
+ * Decrypt and authenticate; returns false when the tag does not verify, with
+ * no plaintext left.  plaintext may equal ciphertext or start before it in
+ * the same buffer.
  */
 extern bool env_open(const uint8 *value_key, const uint8 *nonce,
 					 const uint8 *header, const uint8 *context, int context_len,
 					 const uint8 *ciphertext, int len, const uint8 *tag,
 					 uint8 *plaintext);
+
+/*
+ * Choose the AES-GCM implementation (server start): src/aesgcm.c if the CPU
+ * can run it and it passes a self-test against OpenSSL.  Returns its name.
+ */
+extern const char *env_crypto_select(void);
 
 /* SHA-256 over several byte strings, concatenated. */
 extern void env_sha256(const uint8 *const *parts, const size_t *lens, int nparts,

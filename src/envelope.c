@@ -35,6 +35,7 @@
 #include "utils/guc.h"
 
 #include "audit.h"
+#include "crypto.h"
 #include "envelope.h"
 #include "redact.h"
 #include "kek.h"
@@ -57,6 +58,13 @@ int			envelope_dek_max_age = 300;
 bool		envelope_kms_verify = true;
 int			envelope_kms_retries = 2;
 int			envelope_kms_outage_grace = 0;
+static char *envelope_crypto_implementation = NULL;
+
+static const struct config_enum_entry crypto_backend_options[] = {
+	{"auto", ENV_CRYPTO_AUTO, false},
+	{"openssl", ENV_CRYPTO_OPENSSL, false},
+	{NULL, 0, false}
+};
 
 void		_PG_init(void);
 
@@ -257,6 +265,23 @@ _PG_init(void)
 							0, 0, 86400,
 							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("envelope.crypto_backend",
+							 "AES-256-GCM implementation: auto (the VAES/AVX-512 code when the CPU has it) or openssl.",
+							 "Both produce the same bytes; see envelope.crypto_implementation for what auto uses.",
+							 &envelope_crypto_backend,
+							 ENV_CRYPTO_AUTO, crypto_backend_options,
+							 PGC_SUSET, 0,
+							 NULL, NULL, NULL);
+
+	/* chosen once here, in the postmaster, after a self-test against OpenSSL */
+	DefineCustomStringVariable("envelope.crypto_implementation",
+							   "AES-256-GCM implementation that envelope.crypto_backend = auto uses.",
+							   NULL,
+							   &envelope_crypto_implementation,
+							   env_crypto_select(),
+							   PGC_INTERNAL, GUC_NOT_IN_SAMPLE | GUC_DISALLOW_IN_FILE,
+							   NULL, NULL, NULL);
 
 	env_audit_init();
 	env_redact_init();

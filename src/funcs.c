@@ -264,22 +264,17 @@ decrypt_value(FunctionCallInfo fcinfo)
 	value_wrapped(&v, &wrapped);
 
 	/*
-	 * A value that was detoasted is a private copy: decrypt it in place and
-	 * slide the plaintext to the front, instead of writing a second buffer
-	 * (large values).  A value read straight from a buffer page gets a new
-	 * result, and so does every value when envelope.audit = value (its
-	 * record fingerprints the stored bytes).
+	 * A value that was detoasted is a private copy: decrypt it into its own
+	 * front (env_open allows the output to start before the input), instead
+	 * of writing a second buffer (large values).  A value read straight from
+	 * a buffer page gets a new result, and so does every value when
+	 * envelope.audit = value (its record fingerprints the stored bytes).
 	 */
 	if (datum != stored && !VARATT_IS_SHORT(datum) && envelope_audit != ENV_AUDIT_VALUE)
-	{
 		result = (bytea *) datum;
-		out = (uint8 *) v.ciphertext;
-	}
 	else
-	{
 		result = (bytea *) palloc(VARHDRSZ + v.ciphertext_len);
-		out = (uint8 *) VARDATA(result);
-	}
+	out = (uint8 *) VARDATA(result);
 
 	PG_TRY();
 	{
@@ -341,15 +336,6 @@ decrypt_value(FunctionCallInfo fcinfo)
 				  (int64) (env_backend_kms_calls - calls_before),
 				  (Pointer) result == (Pointer) datum ? NULL : VARDATA_ANY(datum),
 				  VARSIZE_ANY_EXHDR(datum));
-	if (out != (uint8 *) VARDATA(result))
-	{
-		Size		old_size = VARSIZE(result);
-
-		/* slide the plaintext down, and wipe what it leaves behind */
-		memmove(VARDATA(result), out, v.ciphertext_len);
-		env_wipe((uint8 *) VARDATA(result) + v.ciphertext_len,
-				 old_size - VARHDRSZ - v.ciphertext_len);
-	}
 	SET_VARSIZE(result, VARHDRSZ + v.ciphertext_len);
 	return result;
 }

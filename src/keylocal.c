@@ -183,9 +183,7 @@ keylocal_timer(void)
 
 		if (d->used && d->state.valid && d->expires_at <= now)
 		{
-			explicit_bzero(d->state.dek, sizeof(d->state.dek));
-			explicit_bzero(d->state.commit, sizeof(d->state.commit));
-			d->state.valid = false;
+			env_dek_state_wipe_bytes(&d->state);
 		}
 	}
 	for (int i = 0; i < LOCAL_CURRENTS; i++)
@@ -194,9 +192,7 @@ keylocal_timer(void)
 
 		if (c->used && c->state.valid && current_expiry(c) <= now)
 		{
-			explicit_bzero(c->state.dek, sizeof(c->state.dek));
-			explicit_bzero(c->state.commit, sizeof(c->state.commit));
-			c->state.valid = false;
+			env_dek_state_wipe_bytes(&c->state);
 			c->left = 0;
 		}
 	}

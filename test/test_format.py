@@ -409,5 +409,94 @@ class IndependentEncrypt(Session):
                 self.assert_dec_fails(bad, detail=AUTH_DETAIL)
 
 
+class BothImplementations(IndependentEncrypt):
+    """envelope.crypto_backend = auto (src/aesgcm.c where the CPU has VAES/AVX-512)
+    and openssl write and read the same bytes: every length up to 70 and the
+    lengths around 64-, 256- and 4096-byte boundaries, contexts that fit the
+    512-byte AAD buffer and one that does not, inline and TOASTed rows (a
+    TOASTed row is decrypted into the front of its own detoasted copy).
+    Each value written opens with Python's cryptography package.  The tests
+    inherited from IndependentEncrypt run again here with openssl."""
+
+    LENGTHS = (list(range(0, 70)) + [95, 96, 97, 127, 128, 129, 255, 256, 257, 1000, 2047,
+                                     4095, 4096, 4097, 8192 + 13, 70001])
+    CONTEXTS = (None, b"c", b"x" * 500)
+
+    def set_backend(self, name):
+        self.conn.cursor().execute("SET envelope.crypto_backend = %s", (name,))
+
+    def setUp(self):
+        self.set_backend("openssl")
+
+    def tearDown(self):
+        self.conn.cursor().execute("RESET envelope.crypto_backend")
+
+    def test_implementation_matches_cpu(self):
+        # Guards against testing OpenSSL twice on a CPU that has the instructions.
+        cur = self.conn.cursor()
+        cur.execute("SHOW envelope.crypto_implementation")
+        impl = cur.fetchone()[0]
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(l for l in f if l.startswith("flags")).split())
+        needed = {"aes", "pclmulqdq", "avx2", "avx512f", "avx512bw", "avx512vl", "vaes", "vpclmulqdq"}
+        self.assertEqual(impl, "vaes-avx512" if needed <= flags else "openssl", sorted(needed - flags))
+        with self.assertRaises(psycopg2.Error) as cm:
+            cur.execute("SET envelope.crypto_implementation = 'openssl'")
+        self.assertEqual(cm.exception.pgcode, "55P02")   # cant_change_runtime_param
+
+    def test_each_writes_what_both_read(self):
+        cur = self.conn.cursor()
+        cur.execute("CREATE TEMP TABLE both_impl (id int PRIMARY KEY, len int, ctx bytea, v enc_bytea)")
+        cur.execute("ALTER TABLE both_impl ALTER COLUMN v SET STORAGE EXTERNAL")
+        rows = {}
+        rid = 0
+        for writer in ("auto", "openssl"):
+            self.set_backend(writer)
+            for ctx in self.CONTEXTS:
+                for n in self.LENGTHS:
+                    rid += 1
+                    pt = os.urandom(n)
+                    cur.execute("INSERT INTO both_impl VALUES (%s, %s, %s, enc(%s::bytea, %s, %s)) RETURNING v::text",
+                                (rid, n, None if ctx is None else psycopg2.Binary(ctx), psycopg2.Binary(pt), KEK,
+                                 None if ctx is None else psycopg2.Binary(ctx)))
+                    v = base64.b64decode(cur.fetchone()[0][4:])
+                    with self.subTest(writer=writer, length=n, context=ctx and len(ctx)):
+                        self.assertEqual(decrypt(v, ctx or b""), pt)
+                    rows[rid] = (writer, n, ctx, pt, v)
+        self.assertGreater(len(rows), 500)
+        for reader in ("auto", "openssl"):
+            self.set_backend(reader)
+            # stored rows (TOASTed when large): one statement
+            cur.execute('SELECT id, "dec"(v, ctx) FROM both_impl ORDER BY id')
+            got = {r[0]: bytes(r[1]) for r in cur.fetchall()}
+            for rid, (writer, n, ctx, pt, v) in rows.items():
+                with self.subTest(reader=reader, writer=writer, length=n, context=ctx and len(ctx)):
+                    self.assertEqual(got[rid], pt)
+            # a flipped tag bit fails under both, also for TOASTed rows
+            forged = [rid for rid, r in rows.items() if rid % 5 == 0]
+            for rid in forged:
+                v = rows[rid][4]
+                cur.execute("UPDATE both_impl SET v = %s::enc_bytea WHERE id = %s",
+                            (text_form(with_byte(v, len(v) - 1, v[-1] ^ 0x01)), rid))
+            for rid in forged:
+                writer, n, ctx, pt, v = rows[rid]
+                with self.subTest(reader=reader, forged=rid, length=n):
+                    with self.assertRaises(psycopg2.Error) as cm:
+                        cur.execute('SELECT "dec"(v, ctx) FROM both_impl WHERE id = %s', (rid,))
+                    self.assertEqual(cm.exception.pgcode, DATA_CORRUPTED)
+            for rid in forged:
+                cur.execute("UPDATE both_impl SET v = %s::enc_bytea WHERE id = %s", (text_form(rows[rid][4]), rid))
+
+    def test_python_sealed_open_with_both(self):
+        for reader in ("auto", "openssl"):
+            self.set_backend(reader)
+            for n in (0, 1, 16, 17, 100, 256, 4096, 4100):
+                for ctx in (None, b"x" * 600):
+                    with self.subTest(reader=reader, length=n, context=ctx and len(ctx)):
+                        pt = os.urandom(n)
+                        v = seal(2, self.dek, self.section, pt, ctx or b"")
+                        self.assertEqual(self.insert_and_dec(v, ctx), pt)
+
+
 if __name__ == "__main__":
     sys.exit(0 if unittest.main(exit=False, verbosity=2).result.wasSuccessful() else 1)
