@@ -6,7 +6,7 @@
  *		EVP calls when the CPU has these instructions, the self-test against
  *		OpenSSL passed and envelope.crypto_backend allows it.
  *
- * Standalone: no PostgreSQL headers, so test/aesgcm_check.c can compare it
+ * Standalone: no PostgreSQL headers, so test/c/aesgcm_check.c can compare it
  * with OpenSSL outside a server.
  *
  *-------------------------------------------------------------------------

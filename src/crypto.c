@@ -27,8 +27,10 @@
  * the middle of an operation can never leak one; each operation starts by
  * re-keying the context it uses.  OpenSSL failures are reported by
  * crypto_error(): the one place that turns OpenSSL's error queue into
- * ereport.  Data key schedules are overwritten at the end of each
- * transaction (EnvDekState); contexts are not shared across backends.
+ * ereport.  With OpenSSL, data key schedules are overwritten at the end of
+ * each transaction (EnvDekState); with src/aesgcm.c a data key's round keys
+ * live next to the key and are wiped with it.  Contexts are not shared
+ * across backends.
  *
  *-------------------------------------------------------------------------
  */
@@ -510,6 +512,8 @@ env_seal(const uint8 *value_key, const uint8 *nonce,
 	int			finl = 0;
 	int			aadl;
 
+	if (ciphertext > plaintext && ciphertext < plaintext + len)
+		elog(ERROR, "env_seal: the ciphertext may not start inside the plaintext");
 	if (use_fast())
 	{
 		uint8	   *whole = aad_whole(aad, sizeof(aad), header, context, context_len);
@@ -583,6 +587,9 @@ env_open(const uint8 *value_key, const uint8 *nonce,
 	uint8		nonce_copy[ENV_NONCE_LEN];
 	bool		ok;
 
+	/* the output may start at or before the input, never inside it */
+	if (plaintext > ciphertext && plaintext < ciphertext + len)
+		elog(ERROR, "env_open: the plaintext may not start inside the ciphertext");
 	if (use_fast())
 	{
 		uint8	   *whole = aad_whole(aad, sizeof(aad), header, context, context_len);
@@ -594,15 +601,14 @@ env_open(const uint8 *value_key, const uint8 *nonce,
 			pfree(whole);
 		return ok;
 	}
+	/* header, nonce and tag may lie where the plaintext goes: copy them first */
 	aad_prefix(aad, header, context_len);
-	if (plaintext == ciphertext || plaintext + len <= ciphertext ||
-		ciphertext + len <= plaintext)
-		return openssl_open(value_key, nonce, aad, context, context_len,
+	memcpy(nonce_copy, nonce, ENV_NONCE_LEN);
+	if (plaintext == ciphertext || plaintext + len <= ciphertext)
+		return openssl_open(value_key, nonce_copy, aad, context, context_len,
 							ciphertext, len, tag, plaintext);
 
-	/* overlapping: decrypt in place, slide down, wipe what is left behind */
-	Assert(plaintext < ciphertext);
-	memcpy(nonce_copy, nonce, ENV_NONCE_LEN);
+	/* overlapping, plaintext first: decrypt in place, slide down, wipe the rest */
 	ok = openssl_open(value_key, nonce_copy, aad, context, context_len,
 					  ciphertext, len, tag, (uint8 *) ciphertext);
 	if (ok)
@@ -619,10 +625,12 @@ env_open(const uint8 *value_key, const uint8 *nonce,
  * derivation).  Run once in the postmaster; its result is inherited.
  */
 static bool
-aesgcm_selftest(void)
+aesgcm_selftest(bool *openssl_failed)
 {
 	static const int lens[] = {0, 1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100,
 	127, 128, 129, 255, 256, 257, 300, 1000, 4096, 4100};
+	/* envelope's AAD is 92 bytes plus the context: cross the 256-byte windows */
+	static const int aad_lens[] = {0, 1, 16, 92, 93, 100, 255, 256, 257, 348, 1000};
 	EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
 	uint8	   *pt = palloc(4100),
 			   *ct1 = palloc(4100),
@@ -630,7 +638,7 @@ aesgcm_selftest(void)
 			   *buf = palloc(4200);
 	uint8		key[ENV_KEY_LEN],
 				nonce[ENV_NONCE_LEN],
-				aad[200],
+				aad[1000],
 				tag1[ENV_TAG_LEN],
 				tag2[ENV_TAG_LEN],
 				sched[ENV_AES_SCHEDULE_LEN],
@@ -639,10 +647,11 @@ aesgcm_selftest(void)
 				b2[48];
 	bool		ok = c != NULL;
 
+	*openssl_failed = false;
 	for (int i = 0; ok && i < (int) lengthof(lens); i++)
 	{
 		int			len = lens[i];
-		int			alen = (i * 37) % 200;
+		int			alen = aad_lens[i % lengthof(aad_lens)];
 		int			l;
 
 		ok = RAND_bytes(key, sizeof(key)) == 1 && RAND_bytes(nonce, sizeof(nonce)) == 1 &&
@@ -655,7 +664,10 @@ aesgcm_selftest(void)
 			EVP_EncryptFinal_ex(c, ct1 + len, &l) == 1 &&
 			EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, ENV_TAG_LEN, tag1) == 1;
 		if (!ok)
+		{
+			*openssl_failed = true;
 			break;
+		}
 		env_aesgcm_seal(key, nonce, aad, alen, pt, ct2, len, tag2);
 		ok = memcmp(ct1, ct2, len) == 0 && memcmp(tag1, tag2, ENV_TAG_LEN) == 0;
 		/* open out of place, and from 7 bytes further into its own buffer */
@@ -665,7 +677,9 @@ aesgcm_selftest(void)
 		ok = ok && env_aesgcm_open(key, nonce, aad, alen, buf + 7, buf, len, tag1) &&
 			memcmp(buf, pt, len) == 0;
 		tag1[i % ENV_TAG_LEN] ^= 1;
-		ok = ok && !env_aesgcm_open(key, nonce, aad, alen, ct1, buf, len, tag1);
+		memset(buf, 0x5a, len + 1);
+		ok = ok && !env_aesgcm_open(key, nonce, aad, alen, ct1, buf, len, tag1) &&
+			(len == 0 || buf[0] == 0x5a) && buf[len] == 0x5a;	/* nothing written */
 		/* the value key derivation: two AES-256 blocks */
 		env_aes256_schedule(key, sched);
 		env_aes256_encrypt2(sched, blk, b1);
@@ -695,15 +709,23 @@ aesgcm_selftest(void)
 const char *
 env_crypto_select(void)
 {
+	bool		openssl_failed;
+
 	fast_ok = false;
 	if (!env_aesgcm_cpu_ok())
 		return "openssl";
-	if (!aesgcm_selftest())
+	if (!aesgcm_selftest(&openssl_failed))
 	{
-		ereport(WARNING,
-				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("envelope: the AES-256-GCM self-test failed; using OpenSSL"),
-				 errdetail("The VAES/AVX-512 implementation's output differed from OpenSSL's.")));
+		if (openssl_failed)
+			ereport(WARNING,
+					(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+					 errmsg("could not run the AES-256-GCM self-test, using OpenSSL"),
+					 errdetail("OpenSSL failed while computing the reference values.")));
+		else
+			ereport(WARNING,
+					(errcode(ERRCODE_INTERNAL_ERROR),
+					 errmsg("AES-256-GCM self-test failed, using OpenSSL"),
+					 errdetail("envelope's VAES/AVX-512 implementation computed something other than OpenSSL on this CPU.")));
 		return "openssl";
 	}
 	fast_ok = true;
