@@ -38,7 +38,9 @@ Cases (keys of test/bench/results.json):
       pages), the two alternating.
   parallel_dec_speedup  the full dec scan's time with
       max_parallel_workers_per_gather = 0 over its time with 2 workers
-      (EXPLAIN ANALYZE checks that 2 workers were launched).
+      (EXPLAIN ANALYZE checks that 2 workers were launched).  In the same rounds, for
+      reference (no target): parallel_scan_only_speedup, the same table
+      scanned without decrypting (SELECT count(v)), serial over 2 workers.
   kms_calls_enc  KMS calls of one enc INSERT of BENCH_ROWS rows (the most any
       round made), counted by the test KMS (admin /stats) and by
       envelope.cache_stats(); limit ceil(rows / dek_max_uses) + 2.
@@ -366,10 +368,15 @@ def main():
     res["kms_calls_dec_cold_parallel"] = cold_par.kms
     res["kms_calls_dec_cold_parallel_detail"] = dict(cold_par.as_json(), workers_launched=cold_launched)
 
-    # 4. the same scan with 2 parallel workers against none.
+    # 4. the same scan with 2 parallel workers against none; for reference, in the
+    #    same rounds, the same table scanned without decrypting (count(v) reads
+    #    every value): what PostgreSQL's own part of the scan gains from workers.
+    scan_only = "SELECT count(v) FROM bench_enc"
     par, _ = interleaved(cur, "parallel dec scan", [
         ("serial", dec_scan, SERIAL, 100 * ROWS),
         ("parallel", dec_scan, PARALLEL, 100 * ROWS),
+        ("scan_serial", scan_only, SERIAL, ROWS),
+        ("scan_parallel", scan_only, PARALLEL, ROWS),
     ])
     execute(cur, PARALLEL)
     planned, launched = workers(cur, dec_scan)
@@ -381,6 +388,11 @@ def main():
     res["parallel_workers_launched"] = launched
     times["parallel_dec_speedup"] = {"ratio": res["parallel_dec_speedup"], "serial_s": statistics.median(par["serial"]),
                                      "parallel_s": statistics.median(par["parallel"]), "ratios": ratios}
+    scan_ratios = [s / p for s, p in zip(par["scan_serial"], par["scan_parallel"])]
+    res["parallel_scan_only_speedup"] = statistics.median(scan_ratios)
+    res["parallel_scan_only"] = {"ratio": res["parallel_scan_only_speedup"], "serial_s": statistics.median(par["scan_serial"]),
+                                 "parallel_s": statistics.median(par["scan_parallel"]), "ratios": scan_ratios,
+                                 "statement": scan_only}
 
     # 5. 4 KiB values: decrypt against detoast.
     progress(f"loading {ROWS_4K} rows of 4 KiB random bytes")
@@ -481,6 +493,9 @@ def report(res):
     name = "parallel_dec_speedup"
     row(f"dec scan, 2 workers ({res['parallel_workers_launched']} launched) vs none",
         secs(t[name]["parallel_s"]), secs(t[name]["serial_s"]), f"{t[name]['ratio']:.2f}x", name)
+    ref = res["parallel_scan_only"]
+    row("  same table, no decryption (reference)", secs(ref["parallel_s"]), secs(ref["serial_s"]),
+        f"{ref['ratio']:.2f}x")
     print()
     print(f"{'KMS calls':<42} {'KMS saw':>13} {'envelope':>13} {'limit':>9}")
     row("enc INSERT (most of any round)", str(res["kms_calls_enc"]), str(res["kms_calls_enc_envelope"]),
