@@ -16,7 +16,7 @@
  * kept with the cached data key (EnvDekState), and GCM itself.
  *
  * Two implementations of the same computation: src/aesgcm.c (VAES,
- * VPCLMULQDQ, AVX-512; per value about a third of OpenSSL 3.0's time) when
+ * VPCLMULQDQ, AVX-512; per value less than half of OpenSSL 3.0's time) when
  * the CPU has the instructions and the self-test against OpenSSL at server
  * start passed, else OpenSSL's EVP interface.  envelope.crypto_backend =
  * openssl forces OpenSSL; envelope.crypto_implementation shows which one
@@ -345,7 +345,7 @@ env_dek_state_init(EnvDekState *state, const uint8 *dek)
 	env_sha256(parts, lens, 2, state->commit);
 	memcpy(state->dek, dek, ENV_KEY_LEN);
 	/* the round keys live where the data key does, for as long */
-	if (fast_ok)
+	if (use_fast())
 	{
 		env_aes256_schedule(dek, state->schedule);
 		state->schedule_valid = true;

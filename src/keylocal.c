@@ -30,10 +30,10 @@
  *	  lost, never counted twice;
  *	- copies are wiped on eviction, expiry, generation change and backend
  *	  exit.  Raw keys live in pages excluded from core dumps
- *	  (MADV_DONTDUMP) and locked in RAM where the platform allows.  The AES
- *	  key schedules crypto.c derives from them are overwritten at the end of
- *	  every transaction, so between transactions the keys exist only in
- *	  these pages;
+ *	  (MADV_DONTDUMP) and locked in RAM where the platform allows, together
+ *	  with their AES round keys (src/aesgcm.c); with OpenSSL, the schedules
+ *	  in its contexts are overwritten at the end of every transaction, so
+ *	  between transactions the keys exist only in these pages;
  *	- within a statement, every use also compares the shared generation and
  *	  the sweeper's coarse clock (about a second behind) with the earliest
  *	  expiry of the copies: a flush or an expiry takes effect within about a
