@@ -604,7 +604,8 @@ env_open(const uint8 *value_key, const uint8 *nonce,
 	/* header, nonce and tag may lie where the plaintext goes: copy them first */
 	aad_prefix(aad, header, context_len);
 	memcpy(nonce_copy, nonce, ENV_NONCE_LEN);
-	if (plaintext == ciphertext || plaintext + len <= ciphertext)
+	if (plaintext == ciphertext || plaintext + len <= ciphertext ||
+		ciphertext + len <= plaintext)
 		return openssl_open(value_key, nonce_copy, aad, context, context_len,
 							ciphertext, len, tag, plaintext);
 

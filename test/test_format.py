@@ -487,6 +487,23 @@ class BothImplementations(IndependentEncrypt):
             for rid in forged:
                 cur.execute("UPDATE both_impl SET v = %s::enc_bytea WHERE id = %s", (text_form(rows[rid][4]), rid))
 
+    def test_fresh_values_open_with_both(self):
+        # dec(enc(...)) in one expression: the value is a fresh in-memory datum and the
+        # plaintext goes to a new buffer that may lie before or after it (both layouts
+        # must work; the OpenSSL path once took a separate buffer after the input for an
+        # overlapping one and crashed).
+        cur = self.conn.cursor()
+        for backend in ("auto", "openssl"):
+            self.set_backend(backend)
+            for n in (0, 1, 15, 16, 17, 100, 1000, 5000):
+                with self.subTest(backend=backend, length=n):
+                    cur.execute("SELECT dec_text(enc(repeat('x', %s), %s)), "
+                                "\"dec\"(enc(convert_to(repeat('y', %s), 'UTF8'), %s, 'c'::bytea), 'c'::bytea)",
+                                (n, KEK, n, KEK))
+                    text, raw = cur.fetchone()
+                    self.assertEqual(text, "x" * n)
+                    self.assertEqual(bytes(raw), b"y" * n)
+
     def test_python_sealed_open_with_both(self):
         for reader in ("auto", "openssl"):
             self.set_backend(reader)
