@@ -334,14 +334,6 @@ env_dek_state_init(EnvDekState *state, const uint8 *dek)
 
 	crypto_init();
 	env_dek_state_clear(state);
-	if (state->kdf == NULL)
-	{
-		state->kdf = EVP_CIPHER_CTX_new();
-		if (state->kdf == NULL ||
-			EVP_EncryptInit_ex2(state->kdf, ecb_cipher, NULL, NULL, NULL) != 1 ||
-			EVP_CIPHER_CTX_set_padding(state->kdf, 0) != 1)
-			crypto_error("set up AES-256");
-	}
 	env_sha256(parts, lens, 2, state->commit);
 	memcpy(state->dek, dek, ENV_KEY_LEN);
 	/* the round keys live where the data key does, for as long */
@@ -359,6 +351,20 @@ dek_state_key(EnvDekState *state)
 {
 	if (nkeyed == MAX_KEYED)
 		crypto_scrub_keyed();
+	/* the context is only needed on the OpenSSL path: made on first use */
+	if (state->kdf == NULL)
+	{
+		EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+
+		if (ctx == NULL ||
+			EVP_EncryptInit_ex2(ctx, ecb_cipher, NULL, NULL, NULL) != 1 ||
+			EVP_CIPHER_CTX_set_padding(ctx, 0) != 1)
+		{
+			EVP_CIPHER_CTX_free(ctx);
+			crypto_error("set up AES-256");
+		}
+		state->kdf = ctx;
+	}
 	if (EVP_EncryptInit_ex2(state->kdf, NULL, state->dek, NULL, NULL) != 1)
 		crypto_error("set up AES-256");
 	state->kdf_keyed = true;
@@ -384,8 +390,6 @@ env_dek_state_wipe_bytes(EnvDekState *state)
 void
 env_dek_state_clear(EnvDekState *state)
 {
-	env_wipe(state->dek, sizeof(state->dek));
-	env_wipe(state->commit, sizeof(state->commit));
 	dek_state_unkey(state);
 	env_dek_state_wipe_bytes(state);
 }

@@ -37,7 +37,7 @@ typedef struct EnvDekState
 	uint8		commit[ENV_COMMIT_LEN];	/* algorithm 2's key commitment */
 	bool		schedule_valid;
 	uint8		schedule[ENV_AES_SCHEDULE_LEN];	/* src/aesgcm.c round keys */
-	void	   *kdf;			/* EVP_CIPHER_CTX: AES-256-ECB */
+	void	   *kdf;			/* EVP_CIPHER_CTX: AES-256-ECB, made on first OpenSSL use */
 } EnvDekState;
 
 /* Fill buf with cryptographically secure random bytes, or raise an error. */
